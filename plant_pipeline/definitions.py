@@ -1,0 +1,31 @@
+"""The Dagster code location: every asset, check and resource of the pipeline.
+
+Resource defaults come from the environment so one code location serves the demo and a real run:
+``PLANT_PIPELINE_DATA_DIR`` (default ``data``) and ``PLANT_PIPELINE_MODEL`` (default a small pretrained
+LLaVA from the hub; the demo sets ``tiny-random-llava``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
+
+from plant_pipeline.defs.assets import flowers
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.ml.model import DEFAULT_REAL_MODEL
+
+ASSET_MODULES = [flowers]
+
+
+def build_definitions(data_dir: str | None = None, model_name: str | None = None) -> Definitions:
+    storage = PipelineStorage(data_dir=data_dir or os.environ.get("PLANT_PIPELINE_DATA_DIR", "data"))
+    model = ModelResource(model_name=model_name or os.environ.get("PLANT_PIPELINE_MODEL", DEFAULT_REAL_MODEL))
+    return Definitions(
+        assets=load_assets_from_modules(ASSET_MODULES),
+        asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
+        resources={"storage": storage, "model": model},
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,118 @@
+"""Assets ``oxford_flowers`` (download, verify, extract, manifest) and ``category_map`` (the 102 names)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from plant_pipeline.defs.metadata import ProgressLog, table
+from plant_pipeline.defs.resources import PipelineStorage
+from plant_pipeline.ml.categories import CATEGORY_NAMES
+from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
+from plant_pipeline.ml.download import OFFICIAL_BASE_URL, OFFICIAL_MD5, fetch_release, safe_extract_tgz
+from plant_pipeline.ml.flowers import build_manifest, read_manifest, summarize_manifest, write_manifest
+
+# Manifest paths are relative to the data root, so every source (the official release, later user photos)
+# lives in one table.
+DATASET_DIR = "oxford_flowers"
+IMAGES_DIR = "extracted"
+
+
+class OxfordFlowersConfig(Config):
+    base_url: str = Field(
+        default=OFFICIAL_BASE_URL,
+        description="Where 102flowers.tgz, imagelabels.mat and setid.mat are downloaded from: the official "
+        "site or a mirror such as http://127.0.0.1:8000/.",
+    )
+    md5: dict[str, str] = Field(
+        default_factory=lambda: dict(OFFICIAL_MD5),
+        description="Expected md5 of each of the three files; change it only for a mirror of different data.",
+    )
+    local_dir: str | None = Field(
+        default=None,
+        description="Read the three files from this folder instead of downloading (air-gapped copies, the demo).",
+    )
+
+
+@asset(
+    group_name="data",
+    code_version="1",
+    kinds={"python", "parquet"},
+    description="The Oxford Flowers 102 release, downloaded with checksums, safely extracted, and a manifest "
+    "of image, label and split.",
+)
+def oxford_flowers(
+    context: AssetExecutionContext, config: OxfordFlowersConfig, storage: PipelineStorage
+) -> MaterializeResult:
+    root = storage.path(DATASET_DIR)
+    fetched = fetch_release(
+        root / "downloads",
+        base_url=config.base_url,
+        local_dir=config.local_dir,
+        md5=config.md5,
+        progress=ProgressLog(context.log),
+    )
+    images_root = root / IMAGES_DIR
+    safe_extract_tgz(fetched.paths["102flowers.tgz"], images_root)
+    manifest = build_manifest(images_root, fetched.paths["imagelabels.mat"], fetched.paths["setid.mat"])
+    manifest["path"] = f"{DATASET_DIR}/{IMAGES_DIR}/" + manifest["path"]
+    write_manifest(manifest, storage.manifest_path)
+    summary = summarize_manifest(manifest)
+    context.log.info(f"manifest: {summary}")
+    return MaterializeResult(
+        metadata={
+            **summary,
+            "manifest_path": MetadataValue.path(str(storage.manifest_path)),
+            "source": fetched.source,
+            "bytes_downloaded": fetched.bytes_downloaded,
+            "checksums": MetadataValue.json(fetched.checksums),
+            "preview": table(manifest, limit=10),
+        },
+        # The manifest's content hash: downstream assets go stale only when the data really changed.
+        data_version=DataVersion(sha256_file(storage.manifest_path)[:16]),
+    )
+
+
+@asset(
+    deps=[oxford_flowers],
+    group_name="data",
+    code_version="1",
+    kinds={"python", "json"},
+    description="The 102 category names with their ids (0-based labels of the manifest).",
+)
+def category_map(context: AssetExecutionContext, storage: PipelineStorage) -> MaterializeResult:
+    mapping = {
+        "id_to_name": {str(label): name for label, name in enumerate(CATEGORY_NAMES)},
+        "name_to_id": {name: label for label, name in enumerate(CATEGORY_NAMES)},
+    }
+    path = atomic_write_json(storage.category_map_path, mapping)
+    names = pd.DataFrame({"category_id": range(len(CATEGORY_NAMES)), "name": CATEGORY_NAMES})
+    return MaterializeResult(
+        metadata={"num_categories": len(CATEGORY_NAMES), "path": MetadataValue.path(str(path)), "categories": table(names)},
+        data_version=DataVersion(sha256_file(path)[:16]),
+    )
+
+
+@asset_check(asset=category_map, description="102 unique names, and every label in the manifest has one.")
+def category_map_complete(storage: PipelineStorage) -> AssetCheckResult:
+    mapping = json.loads(storage.category_map_path.read_text())
+    names = list(mapping["id_to_name"].values())
+    labels = set(read_manifest(storage.manifest_path)["label"].tolist())
+    unnamed = sorted(label for label in labels if str(label) not in mapping["id_to_name"])
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    return AssetCheckResult(
+        passed=len(names) == 102 and not duplicates and not unnamed,
+        metadata={"num_names": len(names), "duplicate_names": duplicates, "labels_without_name": unnamed},
+    )

@@ -1,0 +1,83 @@
+"""Split the model's image processor into a uint8 half (stored in shards) and a float half (the collator).
+
+Resize and centre crop run once, at preprocessing, through the processor itself; rescale and normalise
+are per-channel functions of one byte, so they become a 256-entry lookup table per channel that is read off
+the same processor. The float ``pixel_values`` are therefore exactly the processor's, whatever its backend,
+while shards hold one byte per channel instead of four.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class PixelFormatError(ValueError):
+    """An image or pixel array does not have the shape or dtype the model's processor expects."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Greyscale, CMYK, palette and alpha images become plain RGB (never quarantined for their mode)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparent pixels on white instead of letting them turn black.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_and_crop(image_processor, image: Image.Image) -> np.ndarray:
+    """Run only the geometric half of the processor: returns uint8 [3, H, W]."""
+    out = image_processor(images=[to_rgb(image)], do_rescale=False, do_normalize=False, return_tensors="np")
+    array = np.asarray(out["pixel_values"][0])
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise PixelFormatError(f"processor returned pixels of shape {array.shape}; expected [3, H, W]")
+    if array.dtype != np.uint8:
+        # Some backends return floats holding integral values; anything else would not round-trip.
+        rounded = np.rint(array)
+        if np.abs(array - rounded).max() > 0 or rounded.min() < 0 or rounded.max() > 255:
+            raise PixelFormatError("processor's resize/crop produced non-integral pixel values; cannot store as uint8")
+        array = rounded.astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+@dataclass
+class PixelNormalizer:
+    """uint8 [B, 3, H, W] -> the processor's float ``pixel_values``, bit for bit, via a lookup table."""
+
+    table: torch.Tensor  # float32 [3, 256]: table[c, v] = processor's value for byte v in channel c
+
+    @classmethod
+    def from_processor(cls, image_processor) -> "PixelNormalizer":
+        # Every byte value in every channel, laid out as a 16x16 image, through rescale + normalise only.
+        ramp = np.arange(256, dtype=np.uint8).reshape(16, 16)
+        probe = np.stack([ramp, ramp, ramp])  # [3, 16, 16]
+        out = image_processor(
+            images=[probe],
+            do_resize=False,
+            do_center_crop=False,
+            input_data_format="channels_first",
+            return_tensors="np",
+        )
+        values = np.asarray(out["pixel_values"][0], dtype=np.float32)
+        if values.shape != (3, 16, 16):
+            raise PixelFormatError(
+                f"processor changed the probe's shape to {values.shape}; it must leave [3, 16, 16] alone "
+                "when resize and crop are off"
+            )
+        return cls(table=torch.from_numpy(values.reshape(3, 256).copy()))
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise PixelFormatError(
+                f"expected uint8 pixels of shape [B, 3, H, W]; got {tuple(pixels.shape)} {pixels.dtype}"
+            )
+        index = pixels.long()
+        # Gather per channel: out[b, c, h, w] = table[c, pixels[b, c, h, w]].
+        channel_offset = (torch.arange(3) * 256).view(1, 3, 1, 1)
+        return self.table.reshape(-1)[index + channel_offset]

@@ -1,0 +1,81 @@
+"""The question, the answer and their token ids, built with the processor's own chat template.
+
+Token ids depend only on the category (the image tokens are placeholders the model fills in), so they
+are encoded once per category and reused for every image of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .shard_format import IGNORE_INDEX
+
+QUESTION = "What flower is this?"
+
+
+def answer_text(name: str) -> str:
+    return f"This is a {name}."
+
+
+def conversation(question: str, answer: str | None = None) -> list[dict]:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def _common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    mismatch = np.nonzero(a[:n] != b[:n])[0]
+    return int(mismatch[0]) if len(mismatch) else n
+
+
+@dataclass
+class PromptEncoder:
+    """Encodes (question, answer) pairs into ``input_ids`` and ``labels`` for one processor.
+
+    The answer starts where the tokens of the full conversation first differ from those of the bare
+    generation prompt: BPE tokenizers often merge the prompt's trailing space into the answer's first
+    word, so ``len(prompt_ids)`` would mislabel one position.
+    """
+
+    processor: object
+    question: str = QUESTION
+    _cache: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        # Any image will do: the processor resizes it, so the image-token count is the model's own.
+        self._blank = Image.new("RGB", (32, 32))
+        self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        self.prompt_ids = self._ids(self.processor.apply_chat_template(
+            conversation(self.question), tokenize=False, add_generation_prompt=True
+        ))
+
+    def _ids(self, text: str) -> np.ndarray:
+        # Through the processor so the image placeholder is expanded exactly as at training time.
+        out = self.processor(text=[text], images=[self._blank], return_tensors="np")
+        return np.asarray(out["input_ids"][0], dtype=np.int32)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int((self.prompt_ids == self.image_token_id).sum())
+
+    def encode(self, answer: str) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) for the conversation ending in ``answer``; labels are -100 on the prompt."""
+        if answer not in self._cache:
+            text = self.processor.apply_chat_template(conversation(self.question, answer), tokenize=False)
+            input_ids = self._ids(text)
+            start = _common_prefix_length(self.prompt_ids, input_ids)
+            labels = input_ids.copy()
+            labels[:start] = IGNORE_INDEX
+            if start >= len(input_ids):
+                raise ValueError(f"answer {answer!r} produced no tokens after the prompt; check the chat template")
+            self._cache[answer] = (input_ids, labels)
+        input_ids, labels = self._cache[answer]
+        return input_ids.copy(), labels.copy()
+
+    def encode_category(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.encode(answer_text(name))
