@@ -1,7 +1,5 @@
 """Turning core results into metadata the Dagster UI shows: tables, pictures, progress logs."""
 
-from __future__ import annotations
-
 import base64
 import math
 from pathlib import Path

@@ -4,8 +4,6 @@ Both are bound to an environment rather than a run, so they are resources; their
 environment variables (see definitions.py) and show in the UI's resource tab.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from dagster import ConfigurableResource

@@ -1,8 +1,7 @@
 """Assets ``oxford_flowers`` (download, verify, extract, manifest) and ``category_map`` (the 102 names)."""
 
-from __future__ import annotations
-
 import json
+from pathlib import Path
 
 import pandas as pd
 from dagster import (
@@ -21,7 +20,14 @@ from plant_pipeline.defs.metadata import ProgressLog, table
 from plant_pipeline.defs.resources import PipelineStorage
 from plant_pipeline.ml.categories import CATEGORY_NAMES
 from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
-from plant_pipeline.ml.download import OFFICIAL_BASE_URL, OFFICIAL_MD5, fetch_release, safe_extract_tgz
+from plant_pipeline.ml.download import (
+    OFFICIAL_BASE_URL,
+    OFFICIAL_MD5,
+    download_file,
+    fetch_release,
+    parse_md5sums,
+    safe_extract_tgz,
+)
 from plant_pipeline.ml.flowers import build_manifest, read_manifest, summarize_manifest, write_manifest
 
 # Manifest paths are relative to the data root, so every source (the official release, later user photos)
@@ -38,12 +44,25 @@ class OxfordFlowersConfig(Config):
     )
     md5: dict[str, str] = Field(
         default_factory=lambda: dict(OFFICIAL_MD5),
-        description="Expected md5 of each of the three files; change it only for a mirror of different data.",
+        description="Expected md5 of each of the three files (default: the official ones). Empty ({}) reads "
+        "them from the source's own 'md5sums' listing, which guards against corruption but not tampering.",
     )
     local_dir: str | None = Field(
         default=None,
         description="Read the three files from this folder instead of downloading (air-gapped copies, the demo).",
     )
+
+
+def _source_md5sums(config: OxfordFlowersConfig, downloads: Path) -> dict[str, str]:
+    """The checksums a mirror or folder publishes beside the files (``md5sums``, as md5sum writes it)."""
+    if config.local_dir:
+        listing = Path(config.local_dir) / "md5sums"
+    else:
+        listing = download_file(config.base_url.rstrip("/") + "/md5sums", downloads / "md5sums", None).path
+    if not listing.exists():
+        raise FileNotFoundError(f"md5 is empty, so checksums are read from {listing}, which does not exist; "
+                                "give md5 explicitly or add an md5sums file to the source")
+    return parse_md5sums(listing.read_text())
 
 
 @asset(
@@ -57,11 +76,12 @@ def oxford_flowers(
     context: AssetExecutionContext, config: OxfordFlowersConfig, storage: PipelineStorage
 ) -> MaterializeResult:
     root = storage.path(DATASET_DIR)
+    md5 = config.md5 or _source_md5sums(config, root / "downloads")
     fetched = fetch_release(
         root / "downloads",
         base_url=config.base_url,
         local_dir=config.local_dir,
-        md5=config.md5,
+        md5=md5,
         progress=ProgressLog(context.log),
     )
     images_root = root / IMAGES_DIR

@@ -1,0 +1,128 @@
+"""Asset ``flower_shards``: every image and prompt preprocessed by the model's processor into WebDataset shards."""
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from plant_pipeline.defs.assets.flowers import category_map, oxford_flowers
+from plant_pipeline.defs.metadata import image
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.ml import shards as core
+from plant_pipeline.ml.categories import NUM_CLASSES
+from plant_pipeline.ml.fileutil import sha256_file
+from plant_pipeline.ml.flowers import read_manifest
+from plant_pipeline.ml.shard_format import INDEX_FILE
+
+
+class FlowerShardsConfig(Config):
+    samples_per_shard: int = Field(default=2000, description="Most samples in one shard (tar file).")
+    max_shard_mb: int = Field(default=256, description="Most megabytes in one shard.")
+    min_shards: int = Field(
+        default=4,
+        description="Cut each split into at least this many shards: at least the trainer's data-loader workers "
+        "times its processes, so every worker has a shard to read.",
+    )
+    num_workers: int = Field(default=0, description="Preprocessing processes; 0 uses every core.")
+    batch_size: int = Field(default=64, description="Images a worker processes per task; bounds memory in flight.")
+
+
+def _shard_config(config: FlowerShardsConfig) -> core.ShardConfig:
+    return core.ShardConfig(
+        samples_per_shard=config.samples_per_shard,
+        max_shard_bytes=config.max_shard_mb * 2**20,
+        min_shards=config.min_shards,
+        num_workers=config.num_workers,
+        batch_size=config.batch_size,
+    )
+
+
+@asset(
+    deps=[oxford_flowers, category_map],
+    group_name="data",
+    code_version="1",
+    kinds={"python", "webdataset"},
+    description="Images resized and cropped by the model's own processor (stored as uint8), prompt token ids and "
+    "answer masks, validated and written as WebDataset tar shards per split.",
+)
+def flower_shards(
+    context: AssetExecutionContext, config: FlowerShardsConfig, storage: PipelineStorage, model: ModelResource
+) -> MaterializeResult:
+    spec = model.spec(storage)
+    out_dir = storage.shards_dir(spec.slug)
+
+    def progress(split: str, done: int, total: int) -> None:
+        if done == total or done % 500 == 0:
+            context.log.info(f"{split}: {done}/{total} images preprocessed")
+
+    result = core.build_shards(
+        read_manifest(storage.manifest_path),
+        storage.path(),
+        spec.source(),
+        out_dir,
+        config=_shard_config(config),
+        model_name=spec.model_name,
+        local_files_only=spec.local_files_only,
+        revision=spec.revision,
+        progress=progress,
+    )
+    splits = result.index["splits"]
+    metadata = {
+        "shards_dir": MetadataValue.path(str(out_dir)),
+        "model_name": spec.model_name,
+        "quarantined": len(result.quarantined),
+        "images_per_second": round(result.images_per_second, 1),
+        "pixel_shape": str(result.index.get("pixel_shape")),
+        "num_image_tokens": result.index.get("num_image_tokens"),
+    }
+    for split, info in splits.items():
+        metadata[f"samples_{split}"] = info["samples"]
+        metadata[f"shards_{split}"] = len(info["shards"])
+        metadata[f"bytes_{split}"] = info["bytes"]
+    if result.quarantined:
+        metadata["quarantine"] = MetadataValue.json(result.quarantined[:50])
+        context.log.warning(f"{len(result.quarantined)} images quarantined; see {out_dir / 'quarantine.json'}")
+    metadata["preview"] = image(core.preview_grid(out_dir, "train"), "decoded training samples")
+    # The index holds every shard's sha256, so its hash changes exactly when the shards do.
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(out_dir / INDEX_FILE)[:16]))
+
+
+def _result(outcome: core.CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
+    return AssetCheckResult(
+        passed=outcome.passed, description=outcome.description, metadata=outcome.metadata, severity=severity
+    )
+
+
+def _shards_dir(storage: PipelineStorage, model: ModelResource):
+    return storage.shards_dir(model.spec(storage).slug)
+
+
+@asset_check(asset=flower_shards, description="Every shard re-read: counts and sha256 match the index; counts "
+             "match the manifest minus quarantined images.")
+def shards_integrity(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
+    return _result(core.check_integrity(_shards_dir(storage, model), read_manifest(storage.manifest_path)))
+
+
+@asset_check(asset=flower_shards, description="Every class present in every split.")
+def shards_class_coverage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
+    return _result(core.check_class_coverage(_shards_dir(storage, model), NUM_CLASSES))
+
+
+@asset_check(asset=flower_shards, description="No image (by content hash) in more than one split.")
+def shards_no_leakage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
+    return _result(core.check_no_leakage(_shards_dir(storage, model)))
+
+
+@asset_check(asset=flower_shards, description="A random sample of stored tensors equals a fresh run of the "
+             "processor on the source image.")
+def shards_exactness(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
+    spec = model.spec(storage)
+    return _result(core.check_exactness(storage.shards_dir(spec.slug), storage.path(), spec.source()))
