@@ -30,7 +30,7 @@ $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 
 # The whole asset graph on synthetic flowers and the tiny model, offline.
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(PY) -m plant_pipeline.ml.demo_data $(DATA_DIR)/demo_release
+	$(PY) -m plant_pipeline.ml.demo_data $(DATA_DIR)/demo_release --train-per-class 20
 	PLANT_PIPELINE_MODEL=tiny-random-llava $(VENV)/bin/dagster asset materialize \
 		-m plant_pipeline.definitions --select '*' -c config/demo.yaml
 

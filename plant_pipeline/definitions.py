@@ -11,11 +11,11 @@ import os
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from plant_pipeline.defs.assets import flowers
+from plant_pipeline.defs.assets import evaluation, flowers, shards, training
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL
 
-ASSET_MODULES = [flowers]
+ASSET_MODULES = [flowers, shards, training, evaluation]
 
 
 def build_definitions(data_dir: str | None = None, model_name: str | None = None) -> Definitions:

@@ -1,0 +1,156 @@
+"""Asset ``model_evaluation``: per-class accuracy of the trained model on the test shards, and its checks."""
+
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+from pydantic import Field
+
+from plant_pipeline.defs.metadata import image, table
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.ml.categories import CATEGORY_NAMES
+from plant_pipeline.ml.evaluate import evaluate_shards
+from plant_pipeline.ml.fileutil import sha256_file
+from plant_pipeline.ml.metrics import compare, confusion_matrix, missing_classes, per_class_table, summary_metrics
+from plant_pipeline.ml.plots import plot_confusion_matrix, plot_per_class_accuracy, read_report, write_report
+from plant_pipeline.ml.shard_format import INDEX_FILE
+from plant_pipeline.ml.train import load_trained
+
+
+class ModelEvaluationConfig(Config):
+    method: str = Field(default="rank", description="rank: score all 102 answers by likelihood (from one shared "
+                        "image+prompt prefix); generate: greedy answer matched to the closest name.")
+    normalize: str = Field(default="mean", description="rank only: 'mean' log-probability per answer token (long "
+                           "names are not penalised) or 'sum' (joint likelihood).")
+    batch_size: int = Field(default=8, description="Test images per forward pass.")
+    max_samples: int | None = Field(default=None, description="Score only the first N test images (None: all).")
+    compare_with_base: bool = Field(default=True, description="Also score the base model (cached per model and "
+                                    "shards) and report the gain from fine-tuning.")
+    accuracy_floor: float = Field(default=0.05, description="Check: top-1 accuracy must be at least this (0..1).")
+    floor_severity: str = Field(default="WARN", description="Severity when below the floor: WARN or ERROR.")
+    regression_margin: float = Field(default=0.02, description="Check: top-1 may fall by at most this much "
+                                     "against the previous materialisation.")
+
+
+def _latest_metadata(context: AssetExecutionContext, asset_name: str) -> dict | None:
+    event = context.instance.get_latest_materialization_event(AssetKey(asset_name))
+    if event is None or event.asset_materialization is None:
+        return None
+    return {key: value.value for key, value in event.asset_materialization.metadata.items()}
+
+
+def _evaluate(model, processor, shards_dir: Path, config: ModelEvaluationConfig, context, label: str):
+    def progress(done: int, total: int | None) -> None:
+        if done == total or done % (config.batch_size * 20) == 0:
+            context.log.info(f"{label}: {done}/{total} test images scored")
+
+    result = evaluate_shards(model, processor, shards_dir, method=config.method, normalize=config.normalize,
+                             batch_size=config.batch_size, max_samples=config.max_samples, progress=progress)
+    per_class = per_class_table(result.predictions, CATEGORY_NAMES)
+    return result, summary_metrics(result.predictions, CATEGORY_NAMES), per_class
+
+
+def _base_report(context, spec, shards_dir: Path, config: ModelEvaluationConfig, storage: PipelineStorage):
+    """The base model's summary on these shards, computed once and kept beside the reports."""
+    key = f"{spec.slug}-{sha256_file(shards_dir / INDEX_FILE)[:12]}-{config.method}-{config.normalize}"
+    out_dir = storage.path("reports", "base", key)
+    cached = read_report(out_dir)
+    if cached is not None and config.max_samples is None:
+        return cached
+    processor = spec.load_processor()
+    model = spec.load_model()
+    result, summary, per_class = _evaluate(model, processor, shards_dir, config, context, "base model")
+    write_report(out_dir, summary, per_class, None, {}, result.predictions, title=f"Base model {spec.model_name}")
+    return summary, per_class
+
+
+@asset(
+    deps=["trained_model", "flower_shards"],
+    group_name="training",
+    code_version="1",
+    kinds={"pytorch"},
+    description="Top-1, macro and top-5 accuracy on the test split, a per-class table (worst first), a confusion "
+    "matrix, and the change against the previous evaluation and the base model.",
+    check_specs=[
+        AssetCheckSpec("accuracy_floor", asset="model_evaluation", description="top-1 at least the configured floor"),
+        AssetCheckSpec("no_regression", asset="model_evaluation",
+                       description="top-1 not lower than the previous evaluation by more than the configured margin"),
+        AssetCheckSpec("coverage", asset="model_evaluation", description="every class has test images and was scored"),
+    ],
+)
+def model_evaluation(
+    context: AssetExecutionContext, config: ModelEvaluationConfig, storage: PipelineStorage, model: ModelResource
+) -> MaterializeResult:
+    trained = _latest_metadata(context, "trained_model")
+    if trained is None or "model_path" not in trained:
+        raise FileNotFoundError("trained_model has no materialisation with a model_path; materialise it first")
+    spec = model.spec(storage)
+    shards_dir = storage.shards_dir(spec.slug)
+    fine_tuned, processor = load_trained(trained["model_path"], spec)
+    result, summary, per_class = _evaluate(fine_tuned, processor, shards_dir, config, context, "fine-tuned")
+    del fine_tuned
+
+    previous = _latest_metadata(context, "model_evaluation")
+    previous_report = read_report(previous["report_path"]) if previous and "report_path" in previous else None
+    vs_previous = compare(summary, per_class, *(previous_report or (None, None)))
+    vs_base = compare(summary, per_class, *_base_report(context, spec, shards_dir, config, storage)) \
+        if config.compare_with_base else None
+
+    cm_png = plot_confusion_matrix(confusion_matrix(result.predictions, len(CATEGORY_NAMES)), CATEGORY_NAMES)
+    bars_png = plot_per_class_accuracy(per_class)
+    report_dir = storage.path("reports", context.run_id)
+    report = write_report(report_dir, summary, per_class, vs_previous,
+                          {"confusion_matrix.png": cm_png, "per_class_accuracy.png": bars_png}, result.predictions,
+                          title=f"Evaluation of {trained['model_path']}")
+
+    top1 = summary["top1_accuracy"]
+    missing = missing_classes(per_class)
+    previous_top1 = previous_report[0]["top1_accuracy"] if previous_report else None
+    checks = [
+        AssetCheckResult(
+            check_name="accuracy_floor", passed=top1 >= config.accuracy_floor,
+            severity=AssetCheckSeverity(config.floor_severity),
+            metadata={"top1_accuracy": top1, "floor": config.accuracy_floor},
+        ),
+        AssetCheckResult(
+            check_name="no_regression",
+            passed=previous_top1 is None or top1 >= previous_top1 - config.regression_margin,
+            metadata={"top1_accuracy": top1, "previous_top1_accuracy": previous_top1, "margin": config.regression_margin},
+        ),
+        AssetCheckResult(
+            check_name="coverage", passed=not missing and summary["num_classes_scored"] == len(CATEGORY_NAMES),
+            metadata={"classes_scored": summary["num_classes_scored"], "classes_without_test_images": missing},
+        ),
+    ]
+    context.log.info(f"top-1 {top1:.3f}, macro {summary['macro_accuracy']:.3f}, top-5 {summary['top5_accuracy']}")
+    metadata = {
+        "top1_accuracy": top1,
+        "macro_accuracy": summary["macro_accuracy"],
+        "top5_accuracy": summary["top5_accuracy"],
+        "num_test_images": summary["num_test_images"],
+        "images_per_second": round(result.images_per_second, 2),
+        "method": config.method,
+        "model_path": MetadataValue.path(str(trained["model_path"])),
+        "report_path": MetadataValue.path(str(report_dir)),
+        "report": MetadataValue.md(report.read_text()),
+        "per_class": table(per_class),
+        "confusion_matrix": image(cm_png, "confusion matrix"),
+        "per_class_accuracy": image(bars_png, "per-class accuracy"),
+        "delta_top1_vs_previous": vs_previous["delta_top1"],
+        "delta_macro_vs_previous": vs_previous["delta_macro"],
+        "classes_worse_than_previous": vs_previous["classes_worse"],
+    }
+    if vs_base is not None:
+        metadata.update({"delta_top1_vs_base": vs_base["delta_top1"], "delta_macro_vs_base": vs_base["delta_macro"],
+                         "classes_worse_than_base": vs_base["classes_worse"]})
+    # None is not a metadata value; leave such keys out rather than invent a number.
+    return MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None}, check_results=checks)

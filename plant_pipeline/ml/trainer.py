@@ -1,0 +1,226 @@
+"""A ``transformers.Trainer`` for LLaVA on streamed shards: answer-token loss, streaming loaders, fail-fast steps.
+
+Only documented hooks are overridden (data loaders, training_step, compute_loss, prediction_step, evaluate),
+with the parent's signatures and return shapes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import Trainer
+
+from .collate import MODEL_INPUTS, SAMPLE_KEYS
+from .shard_format import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; raised before the optimizer step, so no checkpoint holds the damage."""
+
+    def __init__(self, step: int, sample_keys: list[str], loss: float, phase: str = "training"):
+        self.step = step
+        self.sample_keys = list(sample_keys)
+        self.loss = loss
+        shown = ", ".join(self.sample_keys[:16]) + (" ..." if len(self.sample_keys) > 16 else "")
+        super().__init__(
+            f"{phase} loss is {loss} at step {step} on the batch of samples [{shown}]. Nothing from this step was "
+            "saved. Lower learning_rate, use dtype='float32' or 'bfloat16' instead of float16, or inspect these "
+            "samples."
+        )
+
+
+def labelled_token_loss(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(sum of cross-entropy over answer tokens, number of answer tokens, logits [B, K, vocab]).
+
+    Logits are computed only at the K sequence positions where some row of the batch predicts an answer
+    token: passed as a 1-D index tensor in ``logits_to_keep``, LlavaForConditionalGeneration applies
+    ``lm_head`` to those hidden states alone (a dozen positions instead of one per image token; every
+    transformers 5 release takes a 1-D tensor there). The call goes through the outermost model (DDP,
+    PEFT, accelerate's autocast wrapper), so DDP's gradient hooks fire exactly as for an ordinary forward;
+    calling the inner language model and lm_head directly would bypass them.
+    """
+    labels = inputs["labels"]
+    shifted = labels[:, 1:]  # position t predicts token t + 1
+    columns = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    targets = shifted[:, columns]  # [B, K], -100 where this row has no answer token at that position
+    outputs = model(**{k: inputs[k] for k in MODEL_INPUTS}, logits_to_keep=columns, use_cache=False)
+    logits = outputs.logits
+    if tuple(logits.shape[:2]) != tuple(targets.shape):
+        raise RuntimeError(
+            f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for logits_to_keep of "
+            f"{columns.numel()} positions; expected [{targets.shape[0]}, {targets.shape[1]}, vocab]. The model "
+            "must accept a 1-D tensor as logits_to_keep (LlavaForConditionalGeneration does)."
+        )
+    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    return loss_sum, int((targets != IGNORE_INDEX).sum()), logits
+
+
+class CustomTrainer(Trainer):
+    """Trainer over WebDataset streams.
+
+    Extra keyword arguments:
+      memory_cleanup_steps: every this many optimizer steps, gc.collect() and empty the CUDA/MPS cache (0 = never).
+      max_eval_samples: evaluate on at most this many validation samples (the first ones, in shard order).
+      eval_dataloader_num_workers: workers for validation (default: dataloader_num_workers); the trainer
+        caps nothing itself, so pass no more than the validation split has shards.
+
+    Data loaders are plain ``DataLoader`` objects, not passed through ``accelerator.prepare``: accelerate
+    would wrap an IterableDataset in ``IterableDatasetShard`` and keep 1/world_size of each rank's batches,
+    on top of the shard split that ``wds.split_by_node`` already made. Device placement is done by
+    ``_prepare_inputs`` as usual.
+    """
+
+    def __init__(self, *args, memory_cleanup_steps: int = 0, max_eval_samples: int | None = None,
+                 eval_dataloader_num_workers: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.memory_cleanup_steps = memory_cleanup_steps
+        self.max_eval_samples = max_eval_samples
+        self.eval_dataloader_num_workers = eval_dataloader_num_workers
+        self._last_cleanup_step = -1
+        # compute_loss normalises by num_items_in_batch itself: have the Trainer count answer tokens over the
+        # whole accumulated batch (and across ranks) and not rescale the loss again.
+        self.model_accepts_loss_kwargs = True
+
+    # ---- data -----------------------------------------------------------------------------------
+    def _stream_loader(self, dataset, batch_size: int, num_workers: int, persistent: bool) -> DataLoader:
+        params: dict[str, Any] = {
+            "batch_size": batch_size,
+            "collate_fn": self.data_collator,
+            "num_workers": num_workers,
+            # Pinned host memory only helps copies to a CUDA device.
+            "pin_memory": self.args.dataloader_pin_memory and self.args.device.type == "cuda",
+        }
+        if num_workers > 0:
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor or 2
+            params["persistent_workers"] = persistent
+            if self.args.dataloader_multiprocessing_context:
+                params["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
+        return DataLoader(dataset, **params)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("CustomTrainer: training requires a train_dataset")
+        if not isinstance(self.train_dataset, IterableDataset):
+            return super().get_train_dataloader()
+        # Persistent workers only matter if the stream ends and the Trainer starts a new pass over it.
+        workers = self.args.dataloader_num_workers
+        return self._stream_loader(self.train_dataset, self._train_batch_size, workers, persistent=workers > 0)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        if eval_dataset is None and self.eval_dataset is None:
+            raise ValueError("CustomTrainer: evaluation requires an eval_dataset")
+        if isinstance(eval_dataset, str):
+            dataset = self.eval_dataset[eval_dataset]
+        else:
+            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if not isinstance(dataset, IterableDataset):
+            return super().get_eval_dataloader(eval_dataset)
+        workers = self.eval_dataloader_num_workers
+        if workers is None:
+            workers = self.args.dataloader_num_workers
+        # Evaluation is occasional: idle workers between evaluations would only hold memory.
+        return self._stream_loader(dataset, self.args.eval_batch_size, workers, persistent=False)
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        loss_sum, count, logits = labelled_token_loss(model, inputs)
+        if num_items_in_batch is not None:
+            # Normalised over every answer token of the accumulated (and, on DDP, gathered) batch: gradient
+            # accumulation and ranks with different token counts weigh each token equally.
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
+        else:
+            loss = loss_sum / max(count, 1)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        keys = list(inputs.get(SAMPLE_KEYS, []))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Checked before the optimizer step and before any checkpoint of this step can be written.
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(self.state.global_step + 1, keys, float(loss.detach().float().mean()))
+        self._maybe_free_memory()
+        return loss
+
+    def _maybe_free_memory(self) -> None:
+        step, every = self.state.global_step, self.memory_cleanup_steps
+        if every and step > 0 and step % every == 0 and step != self._last_cleanup_step:
+            self._last_cleanup_step = step
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if torch.backends.mps.is_available():
+                torch.mps.empty_cache()
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss_sum, count, logits = labelled_token_loss(model, inputs)
+        loss = (loss_sum / max(count, 1)).detach()
+        return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), None)
+
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Mean cross-entropy per answer token over the first ``max_eval_samples`` validation samples.
+
+        Token-weighted and exact (the parent averages per-batch means). Every rank reads the same samples
+        (the validation stream is not split by node), so ranks run the same number of forwards and no
+        collective is needed; the unwrapped model is used, as evaluation needs no DDP gradient hooks.
+        """
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        start = time.time()
+        total = torch.zeros((), dtype=torch.float64, device=self.args.device)
+        tokens = samples = 0
+        limit = self.max_eval_samples
+        try:
+            with torch.no_grad():
+                for batch in dataloader:
+                    if limit is not None and samples >= limit:
+                        break
+                    keys = list(batch.get(SAMPLE_KEYS, []))
+                    if limit is not None and samples + len(keys) > limit:
+                        rows = limit - samples
+                        batch = {k: v[:rows] for k, v in batch.items()}
+                        keys = keys[:rows]
+                    batch = self._prepare_inputs(batch)
+                    with self.accelerator.autocast():
+                        loss_sum, count, _ = labelled_token_loss(model, batch)
+                    if not torch.isfinite(loss_sum):
+                        raise NonFiniteLossError(self.state.global_step, keys, float(loss_sum), phase="validation")
+                    total += loss_sum.double()
+                    tokens += count
+                    samples += len(keys)
+        finally:
+            model.train(was_training)
+        if samples == 0:
+            raise ValueError("the validation stream yielded no samples; check the validation shards in index.json")
+        runtime = time.time() - start
+        metrics = {
+            f"{metric_key_prefix}_loss": float(total / tokens),
+            f"{metric_key_prefix}_samples": samples,
+            f"{metric_key_prefix}_tokens": tokens,
+            f"{metric_key_prefix}_runtime": round(runtime, 4),
+            f"{metric_key_prefix}_samples_per_second": round(samples / runtime, 3) if runtime > 0 else math.inf,
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
