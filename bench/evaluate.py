@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from plant_pipeline.ml.evaluate import evaluate_shards  # noqa: E402
 from plant_pipeline.ml.tiny_model import TinyLlavaSpec, build_tiny_llava  # noqa: E402
-from plant_pipeline_tests.conftest import write_toy_shards  # noqa: E402
+from plant_pipeline.ml.toy_shards import write_toy_shards  # noqa: E402
 
 GOAL = 20.0
 

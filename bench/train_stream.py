@@ -40,7 +40,7 @@ def make_data(work: Path, samples: int, scale: int) -> tuple[Path, dict[int, Pat
     from plant_pipeline.ml.shard_format import INDEX_FILE, encode_sample, read_index, split_shard_paths
     from plant_pipeline.ml.streaming import make_stream
     from plant_pipeline.ml.tiny_model import TinyLlavaSpec, build_tiny_llava
-    from plant_pipeline_tests.conftest import write_toy_shards
+    from plant_pipeline.ml.toy_shards import write_toy_shards
 
     model_dir = build_tiny_llava(work / "model", TinyLlavaSpec(**SPEC))
     processor = AutoProcessor.from_pretrained(model_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import gzip
-import hashlib
 import io
 import json
 import logging
@@ -30,6 +29,7 @@ import scipy.io
 from PIL import Image, ImageDraw
 
 from plant_pipeline.ml.categories import CATEGORY_NAMES, NUM_CLASSES
+from plant_pipeline.ml.download import md5sum
 
 logger = logging.getLogger(__name__)
 
@@ -411,14 +411,6 @@ def _write_mat(path: Path, variables: dict[str, np.ndarray]) -> None:
     path.write_bytes(bytes(data))
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_md5sums(path: Path) -> dict[str, str]:
     sums = {}
     for line in path.read_text().splitlines():
@@ -441,7 +433,7 @@ def _existing_release(out_dir: Path, params: dict) -> DemoRelease | None:
         sums = _read_md5sums(out_dir / MD5SUMS)
         if any(sums.get(name) != recorded["md5"].get(name) for name in CHECKED_FILES):
             return None
-        if any(_md5(out_dir / name) != sums[name] for name in CHECKED_FILES):
+        if any(md5sum(out_dir / name) != sums[name] for name in CHECKED_FILES):
             return None
     except (OSError, ValueError, KeyError):
         return None
@@ -517,7 +509,7 @@ def make_demo_release(
             tmp_dir / SETID_MAT,
             {SPLIT_VARIABLES[s]: ids[splits == s].astype(np.uint16)[None, :] for s in SPLITS},
         )
-        md5 = {name: _md5(tmp_dir / name) for name in CHECKED_FILES}
+        md5 = {name: md5sum(tmp_dir / name) for name in CHECKED_FILES}
         (tmp_dir / MD5SUMS).write_text("".join(f"{md5[name]}  {name}\n" for name in CHECKED_FILES))
         (tmp_dir / PARAMS_JSON).write_text(
             json.dumps({"params": params, "num_images": num_images, "md5": md5}, indent=2) + "\n"

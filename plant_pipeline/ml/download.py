@@ -7,7 +7,6 @@ always complete and verified; re-runs skip what is already there and good.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import json
 import logging
@@ -23,6 +22,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Mapping
+
+from .fileutil import file_digest
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,8 @@ class FetchResult:
 
 
 def md5sum(path: Path | str, chunk_size: int = 1 << 20) -> str:
-    """Hex md5 of a file, read in chunks so a 345 MB archive does not sit in memory."""
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex md5 of a file: the checksum the official release publishes."""
+    return file_digest(path, "md5", chunk_size)
 
 
 def parse_md5sums(text: str) -> dict[str, str]:

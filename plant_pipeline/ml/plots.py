@@ -16,19 +16,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .fileutil import atomic_write_bytes
+
 REPORT_FILE = "report.md"
 SUMMARY_FILE = "summary.json"
 PER_CLASS_FILE = "per_class.csv"
 PREDICTIONS_FILE = "predictions.parquet"
-
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-    return path
 
 
 def _figure_bytes(figure) -> bytes:
@@ -89,7 +82,7 @@ def plot_confusion_matrix(cm: np.ndarray, names: Sequence[str], path: str | os.P
     axis.set_ylabel("true class")
     data = _figure_bytes(figure)
     if path is not None:
-        _write_atomic(Path(path), data)
+        atomic_write_bytes(Path(path), data)
     return data
 
 
@@ -117,7 +110,7 @@ def plot_per_class_accuracy(table: pd.DataFrame, path: str | os.PathLike | None 
     axis.legend(loc="upper left", fontsize=8)
     data = _figure_bytes(figure)
     if path is not None:
-        _write_atomic(Path(path), data)
+        atomic_write_bytes(Path(path), data)
     return data
 
 
@@ -154,7 +147,7 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping, per_class: pd.Dat
     links = {}
     for name, image in images.items():
         if isinstance(image, (bytes, bytearray)):
-            links[name] = _write_atomic(out_dir / name, bytes(image)).name
+            links[name] = atomic_write_bytes(out_dir / name, bytes(image)).name
         else:
             links[name] = os.path.relpath(Path(image), out_dir)
 
@@ -181,14 +174,14 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping, per_class: pd.Dat
     files = [SUMMARY_FILE, PER_CLASS_FILE] + ([PREDICTIONS_FILE] if predictions is not None else [])
     lines += ["", "Data: " + ", ".join(f"[{f}]({f})" for f in files), ""]
 
-    _write_atomic(out_dir / SUMMARY_FILE, json.dumps(dict(summary), indent=2, sort_keys=True).encode())
-    _write_atomic(out_dir / PER_CLASS_FILE, per_class.to_csv(index=False).encode())
+    atomic_write_bytes(out_dir / SUMMARY_FILE, json.dumps(dict(summary), indent=2, sort_keys=True).encode())
+    atomic_write_bytes(out_dir / PER_CLASS_FILE, per_class.to_csv(index=False).encode())
     if predictions is not None:
         partial = out_dir / (PREDICTIONS_FILE + ".partial")
         predictions.to_parquet(partial, index=False)
         os.replace(partial, out_dir / PREDICTIONS_FILE)
     # report.md last: its presence means the whole report is there.
-    return _write_atomic(out_dir / REPORT_FILE, "\n".join(lines).encode())
+    return atomic_write_bytes(out_dir / REPORT_FILE, "\n".join(lines).encode())
 
 
 def read_report(out_dir: str | os.PathLike) -> tuple[dict, pd.DataFrame] | None:

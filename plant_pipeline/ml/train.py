@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .fileutil import atomic_write_text
 from .collate import memory_efficient_collate_fn
 from .model import ModelConfigError, ModelSpec, bf16_supported, resolve_device, resolve_dtype
 from .shard_format import read_index, split_shard_paths
@@ -356,12 +357,6 @@ def _remove_incomplete_checkpoints(checkpoints_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def _run_fingerprint(config: TrainConfig, model_spec: ModelSpec, index: dict) -> dict:
     train_shards = [s.get("sha256") or s["file"] for s in index["splits"]["train"]["shards"]]
     return {
@@ -399,7 +394,7 @@ def _prepare_checkpoints_dir(config: TrainConfig, checkpoints_dir: Path, fingerp
         if is_main:
             _remove_incomplete_checkpoints(checkpoints_dir)
     if is_main:
-        _atomic_write_text(run_file, json.dumps(fingerprint, indent=2, sort_keys=True))
+        atomic_write_text(run_file, json.dumps(fingerprint, indent=2, sort_keys=True))
     return resume_from
 
 
