@@ -1,21 +1,50 @@
-"""Asset ``trained_model``: fine-tune the model on the train shards with CustomTrainer (LoRA by default)."""
+"""Asset ``trained_model``: fine-tune the model on the train shards in a separate process, launched through Pipes.
+
+The asset writes a run file and starts ``python -m plant_pipeline.ml.train_cli`` (or ``torch.distributed.run``
+with ``nproc_per_node`` ranks); progress lines and the final metadata come back through Dagster Pipes, so
+the Dagster process never loads the model. The child's output is teed to ``<checkpoints>/launch/train.log``;
+a child that fails turns into a Failure with its exit code and the last lines of that log.
+"""
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    PipesClientCompletedInvocation,
+    PipesSubprocessClient,
+    asset,
+    open_pipes_session,
+)
+from dagster._core.errors import DagsterExecutionInterruptedError
+from pydantic import Field
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml.fileutil import sha256_file
+from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
 from plant_pipeline.ml.shard_format import INDEX_FILE
-from plant_pipeline.ml.train import TrainConfig, train
+from plant_pipeline.ml.train import TrainConfig
+from plant_pipeline.ml.train_cli import ENTRY_MODULE, RunFile
+
+LOG_TAIL_LINES = 40
 
 TrainedModelConfig = config_from_dataclass(
-    "TrainedModelConfig", TrainConfig, "Fine-tuning settings; the same config with the same shards resumes."
+    "TrainedModelConfig", TrainConfig, "Fine-tuning settings; the same config with the same shards resumes.",
+    nproc_per_node=(int, Field(default=1, description=(
+        "Training processes on this machine: 1 runs one process; N > 1 runs N DDP ranks with "
+        "torch.distributed.run (one per GPU; gloo on CPU). The train split needs N x dataloader_num_workers "
+        "shards."))),
 )
 
 
@@ -29,16 +58,60 @@ def run_name(config: TrainConfig, model_name: str, shards_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _log_progress(context: AssetExecutionContext):
-    def on_log(record: dict) -> None:
-        parts = [f"step {record.get('step')}/{record.get('max_steps')}"]
-        for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("samples_per_second", "{:.1f}"),
-                         ("eta_seconds", "{:.0f}"), ("rss_mb", "{:.0f}")):
-            if record.get(key) is not None:
-                parts.append(f"{key} {fmt.format(record[key])}")
-        context.log.info(", ".join(parts))
+def launch_command(nproc_per_node: int, *args: str) -> list[str]:
+    """The entry point as one process, or as ``nproc_per_node`` ranks under torchrun (the venv's Python either way)."""
+    if nproc_per_node == 1:
+        return [sys.executable, "-m", ENTRY_MODULE, *args]
+    # --standalone: a local rendezvous on a free port, so parallel runs on one machine do not collide.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
+            "-m", ENTRY_MODULE, *args]
 
-    return on_log
+
+class TeeingPipesSubprocessClient(PipesSubprocessClient):
+    """PipesSubprocessClient that also tees the child's stdout+stderr to a log file and keeps its tail.
+
+    The stock client's ``forward_stdio=False`` pipes the output without reading it (a child that logs much
+    would block); here one reader copies every line to the run's stdout (the compute logs) and the file, and a
+    non-zero exit raises a Failure holding the exit code and the last ``tail_lines`` lines.
+    """
+
+    def __init__(self, log_path: Path, tail_lines: int = LOG_TAIL_LINES, **kwargs):
+        super().__init__(**kwargs)
+        self.log_path = Path(log_path)
+        self.tail_lines = tail_lines
+
+    def run(self, *, context, command, extras=None, env=None, cwd=None) -> PipesClientCompletedInvocation:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        tail: deque[str] = deque(maxlen=self.tail_lines)
+        with open_pipes_session(context=context, context_injector=self.context_injector,
+                                message_reader=self.message_reader, extras=extras) as session:
+            process = subprocess.Popen(
+                command, cwd=cwd or self.cwd, env={**os.environ, **self.env, **(env or {}),
+                                                   **session.get_bootstrap_env_vars()},
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+            try:
+                with self.log_path.open("w") as log:
+                    for line in process.stdout:
+                        log.write(line)
+                        log.flush()
+                        sys.stdout.write(line)
+                        tail.append(line.rstrip("\n"))
+                process.wait()
+            except DagsterExecutionInterruptedError:
+                if self.forward_termination:
+                    context.log.info("[pipes] execution interrupted, sending SIGINT to the training process")
+                    process.send_signal(signal.SIGINT)
+                    process.wait(timeout=self.termination_timeout_seconds)
+                raise
+        if process.returncode != 0:
+            shown = "\n".join(tail)
+            raise Failure(
+                description=f"the training process exited with code {process.returncode}; last {len(tail)} lines "
+                            f"of {self.log_path}:\n{shown}",
+                metadata={"exit_code": process.returncode, "log": MetadataValue.path(str(self.log_path)),
+                          "command": " ".join(command)},
+            )
+        return PipesClientCompletedInvocation(session)
 
 
 @asset(
@@ -47,42 +120,39 @@ def _log_progress(context: AssetExecutionContext):
     code_version="1",
     kinds={"pytorch"},
     description="The model fine-tuned on the train shards (streamed), with checkpoints it resumes from; "
-    "its metadata shows the losses, speed, memory and a loss curve.",
+    "its metadata shows the losses, speed, memory and a loss curve. Trains in a separate process "
+    "(nproc_per_node DDP ranks) launched through Dagster Pipes.",
 )
 def trained_model(
     context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage, model: ModelResource
 ) -> MaterializeResult:
-    train_config = to_dataclass(TrainConfig, config)
+    train_config = to_dataclass(TrainConfig, config)  # validated here too: a bad setting fails before any launch
+    if config.nproc_per_node < 1:
+        raise Failure(f"nproc_per_node must be at least 1; got {config.nproc_per_node}")
     spec = model.spec(storage)
-    shards_dir = storage.shards_dir(spec.slug)
+    spec.models_dir = str(Path(spec.models_dir).resolve())
+    spec.source()  # builds tiny-random-llava once here, so N ranks do not race to build it
+    shards_dir = storage.shards_dir(spec.slug).resolve()
     name = f"{spec.slug}-{run_name(train_config, spec.model_name, sha256_file(shards_dir / INDEX_FILE))}"
-    context.log.info(f"run {name}: {json.dumps(asdict(train_config))}")
-    result = train(
-        train_config,
-        model_spec=spec,
-        shards_dir=shards_dir,
-        checkpoints_dir=storage.path("checkpoints", name),
-        output_dir=storage.path("models", name),
-        on_log=_log_progress(context),
-    )
-    metadata = {
-        "model_path": MetadataValue.path(result.model_path),
-        "steps": result.steps,
-        "final_train_loss": result.final_train_loss,
-        "final_validation_loss": result.final_validation_loss,
-        "initial_validation_loss": result.initial_validation_loss,
-        "samples_per_second": round(result.samples_per_second, 2),
-        "peak_memory_mb": round(result.peak_memory_mb, 1),
-        "peak_cuda_memory_mb": result.peak_cuda_memory_mb,
-        "peak_mps_memory_mb": result.peak_mps_memory_mb,
-        "device": result.device,
-        "dtype": result.dtype,
-        "trainable_params": result.trainable_params,
-        "total_params": result.total_params,
-        "resumed_from_step": result.resumed_from_step,
-        "checkpoints_dir": MetadataValue.path(str(storage.path("checkpoints", name))),
-        "seconds": round(result.seconds, 1),
-    }
-    if result.loss_curve_path:
-        metadata["loss_curve"] = image(Path(result.loss_curve_path), "training and validation loss")
-    return MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None})
+    checkpoints_dir = storage.path("checkpoints", name).resolve()
+    launch_dir = checkpoints_dir / "launch"
+    context.log.info(f"run {name} on {config.nproc_per_node} process(es): {json.dumps(asdict(train_config))}")
+
+    run_file = RunFile(train=train_config, model=spec, shards_dir=str(shards_dir),
+                       checkpoints_dir=str(checkpoints_dir), output_dir=str(storage.path("models", name).resolve()))
+    atomic_write_json(launch_dir / "run.json", run_file.to_json())
+    result_path = launch_dir / "result.json"
+    result_path.unlink(missing_ok=True)
+    command = launch_command(config.nproc_per_node, "--config", str(launch_dir / "run.json"),
+                             "--result", str(result_path))
+    client = TeeingPipesSubprocessClient(log_path=launch_dir / "train.log")
+    # The package root on the child's path, so the entry point imports even where the project is not installed.
+    root = str(Path(__file__).resolve().parents[3])
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    reported = client.run(context=context, command=command, env=env).get_materialize_result()
+
+    metadata = dict(reported.metadata or {})
+    curve = json.loads(result_path.read_text()).get("loss_curve_path")
+    if curve:
+        metadata["loss_curve"] = image(Path(curve), "training and validation loss")
+    return MaterializeResult(metadata=metadata, data_version=reported.data_version, tags=reported.tags)
