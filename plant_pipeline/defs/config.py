@@ -20,7 +20,8 @@ def config_from_dataclass(name: str, cls: type, doc: str, **extra_fields: Any) -
         if f.default is not dataclasses.MISSING:
             default = Field(default=f.default, description=description)
         elif f.default_factory is not dataclasses.MISSING:
-            default = Field(default_factory=f.default_factory, description=description)
+            # A concrete default (pydantic copies it per instance) so the Launchpad shows it.
+            default = Field(default=f.default_factory(), description=description)
         else:
             default = Field(description=description)
         fields[f.name] = (hints[f.name], default)

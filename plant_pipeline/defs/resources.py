@@ -9,7 +9,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from plant_pipeline.ml.model import ModelSpec
+from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
 
 
 class PipelineStorage(ConfigurableResource):
@@ -36,7 +36,7 @@ class ModelResource(ConfigurableResource):
     """The LLaVA model every step shares: its processor preprocesses, its weights train and evaluate."""
 
     model_name: str = Field(
-        default="llava-hf/llava-interleave-qwen-0.5b-hf",
+        default=DEFAULT_REAL_MODEL,
         description="Hugging Face hub id, a local folder, or 'tiny-random-llava' (built offline, for demos and tests).",
     )
     revision: str | None = Field(default=None, description="Hub revision: branch, tag or commit sha.")

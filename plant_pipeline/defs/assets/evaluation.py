@@ -61,10 +61,11 @@ def _evaluate(model, processor, shards_dir: Path, config: ModelEvaluationConfig,
 
 def _base_report(context, spec, shards_dir: Path, config: ModelEvaluationConfig, storage: PipelineStorage):
     """The base model's summary on these shards, computed once and kept beside the reports."""
-    key = f"{spec.slug}-{sha256_file(shards_dir / INDEX_FILE)[:12]}-{config.method}-{config.normalize}"
+    samples = "all" if config.max_samples is None else str(config.max_samples)
+    key = f"{spec.slug}-{sha256_file(shards_dir / INDEX_FILE)[:12]}-{config.method}-{config.normalize}-{samples}"
     out_dir = storage.path("reports", "base", key)
     cached = read_report(out_dir)
-    if cached is not None and config.max_samples is None:
+    if cached is not None:
         return cached
     processor = spec.load_processor()
     model = spec.load_model()
@@ -90,6 +91,9 @@ def _base_report(context, spec, shards_dir: Path, config: ModelEvaluationConfig,
 def model_evaluation(
     context: AssetExecutionContext, config: ModelEvaluationConfig, storage: PipelineStorage, model: ModelResource
 ) -> MaterializeResult:
+    if config.floor_severity.upper() not in ("WARN", "ERROR"):  # fail on a typo now, not after evaluating
+        raise ValueError(f"floor_severity must be WARN or ERROR; got {config.floor_severity!r}")
+    severity = AssetCheckSeverity(config.floor_severity.upper())
     trained = _latest_metadata(context, "trained_model")
     if trained is None or "model_path" not in trained:
         raise FileNotFoundError("trained_model has no materialisation with a model_path; materialise it first")
@@ -107,7 +111,7 @@ def model_evaluation(
 
     cm_png = plot_confusion_matrix(confusion_matrix(result.predictions, len(CATEGORY_NAMES)), CATEGORY_NAMES)
     bars_png = plot_per_class_accuracy(per_class)
-    report_dir = storage.path("reports", context.run_id)
+    report_dir = storage.path("reports", context.run.run_id)
     report = write_report(report_dir, summary, per_class, vs_previous,
                           {"confusion_matrix.png": cm_png, "per_class_accuracy.png": bars_png}, result.predictions,
                           title=f"Evaluation of {trained['model_path']}")
@@ -118,7 +122,7 @@ def model_evaluation(
     checks = [
         AssetCheckResult(
             check_name="accuracy_floor", passed=top1 >= config.accuracy_floor,
-            severity=AssetCheckSeverity(config.floor_severity),
+            severity=severity,
             metadata={"top1_accuracy": top1, "floor": config.accuracy_floor},
         ),
         AssetCheckResult(
@@ -131,7 +135,9 @@ def model_evaluation(
             metadata={"classes_scored": summary["num_classes_scored"], "classes_without_test_images": missing},
         ),
     ]
-    context.log.info(f"top-1 {top1:.3f}, macro {summary['macro_accuracy']:.3f}, top-5 {summary['top5_accuracy']}")
+    top5 = summary["top5_accuracy"]
+    context.log.info(f"top-1 {top1:.3f}, macro {summary['macro_accuracy']:.3f}"
+                     + (f", top-5 {top5:.3f}" if top5 is not None else ""))
     metadata = {
         "top1_accuracy": top1,
         "macro_accuracy": summary["macro_accuracy"],

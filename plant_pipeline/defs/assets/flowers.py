@@ -43,7 +43,7 @@ class OxfordFlowersConfig(Config):
         "site or a mirror such as http://127.0.0.1:8000/.",
     )
     md5: dict[str, str] = Field(
-        default_factory=lambda: dict(OFFICIAL_MD5),
+        default=dict(OFFICIAL_MD5),
         description="Expected md5 of each of the three files (default: the official ones). Empty ({}) reads "
         "them from the source's own 'md5sums' listing, which guards against corruption but not tampering.",
     )
