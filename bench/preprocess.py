@@ -8,9 +8,9 @@ tokens). Prints one table, then one line of JSON with every figure. Usage:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
+import resource
 import shutil
 import sys
 import tarfile
@@ -97,19 +97,32 @@ def _pil_batch(paths: list[str]) -> int:
     return total
 
 
-def run_limit(fn, paths: list[str], model_dir: Path, workers: int, batch_size: int) -> float:
+def run_limit(fn, paths: list[str], model_dir: Path, workers: int, batch_size: int) -> None:
     ctx = ShardConfig(num_workers=workers).context()
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    start = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_limit, initargs=(str(model_dir),)) as pool:
         list(pool.map(fn, batches))
-    return time.perf_counter() - start
+
+
+def measure(fn) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process and its finished children, fn's result).
+
+    On a shared machine wall time swings with other people's work; CPU time per image barely does, and
+    for CPU-bound work ``cores / CPU per image`` is the throughput a quiet machine would give.
+    """
+    def cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    wall, used = time.perf_counter(), cpu()
+    result = fn()
+    return time.perf_counter() - wall, cpu() - used, result
 
 
 # --- the baseline a user would write: datasets.map with the full processor, then save_to_disk ----------
 
 
-def run_baseline(root: Path, manifest: pd.DataFrame, model_dir: Path, workers: int, out: Path) -> float:
+def run_baseline(root: Path, manifest: pd.DataFrame, model_dir: Path, workers: int, out: Path) -> None:
     import datasets
     from transformers import AutoProcessor
 
@@ -129,12 +142,10 @@ def run_baseline(root: Path, manifest: pd.DataFrame, model_dir: Path, workers: i
         return {"pixel_values": out["pixel_values"], "input_ids": out["input_ids"],
                 "attention_mask": out["attention_mask"], "label": batch["label"]}
 
-    start = time.perf_counter()
     dataset = datasets.Dataset.from_pandas(manifest[["path", "label", "split"]], preserve_index=False)
     dataset = dataset.map(preprocess, batched=True, batch_size=32, num_proc=workers,
                           remove_columns=["path"])
     dataset.save_to_disk(str(out), num_proc=workers)
-    return time.perf_counter() - start
 
 
 def folder_bytes(folder: Path) -> int:
@@ -161,70 +172,76 @@ def main() -> None:
         jpeg_bytes = sum(os.path.getsize(p) for p in paths)
         start_method = ShardConfig(num_workers=args.workers).context().get_start_method()
 
-        limit_s, processor_s, pipeline_s, pipeline_processor_s = [], [], [], []
-        result = None
-
         def pipeline(pil_geometry: bool):
-            out = work / "shards"
-            shutil.rmtree(out, ignore_errors=True)
-            start = time.perf_counter()
-            built = build_shards(manifest, root, str(model_dir), out, config=ShardConfig(
+            shutil.rmtree(work / "shards", ignore_errors=True)
+            return build_shards(manifest, root, str(model_dir), work / "shards", config=ShardConfig(
                 num_workers=args.workers, batch_size=args.batch_size, pil_geometry=pil_geometry))
-            return time.perf_counter() - start, built
 
+        variants = {  # name -> (label, function); run interleaved, best of --repeat kept
+            "limit": ("limit: decode + resize + crop (PIL)",
+                      lambda: run_limit(_pil_batch, paths, model_dir, args.workers, args.batch_size)),
+            "processor_resize": ("decode + processor's resize/crop (transformers)",
+                                 lambda: run_limit(_limit_batch, paths, model_dir, args.workers, args.batch_size)),
+            "pipeline": ("pipeline: build_shards (shards written)", lambda: pipeline(True)),
+            "pipeline_processor_path": ("pipeline with pil_geometry=False", lambda: pipeline(False)),
+        }
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+        result = None
         for _ in range(args.repeat):
-            limit_s.append(run_limit(_pil_batch, paths, model_dir, args.workers, args.batch_size))
-            processor_s.append(run_limit(_limit_batch, paths, model_dir, args.workers, args.batch_size))
-            seconds, result = pipeline(True)
-            pipeline_s.append(seconds)
-            pipeline_processor_s.append(pipeline(False)[0])
-        baseline_s = baseline_bytes = baseline_error = None
+            for name, (_, fn) in variants.items():
+                wall, cpu, out = measure(fn)
+                runs[name].append((wall, cpu))
+                result = out if name == "pipeline" else result
+        baseline_bytes = baseline_error = None
         if not args.skip_baseline:
+            variants["baseline"] = ("baseline: datasets.map + save_to_disk", None)
             try:
-                baseline_s = run_baseline(root, manifest, model_dir, args.workers, work / "hf")
+                wall, cpu, _ = measure(lambda: run_baseline(root, manifest, model_dir, args.workers, work / "hf"))
+                runs["baseline"] = [(wall, cpu)]
                 baseline_bytes = folder_bytes(work / "hf")
             except Exception as err:  # report the other figures even where datasets cannot run
                 baseline_error = f"{type(err).__name__}: {err}"
+                runs["baseline"] = []
 
         stored = sum(result.samples.values())
-        shard_bytes = sum(result.bytes.values())
-        figures = {
-            "images": n, "workers": args.workers, "cpus": os.cpu_count(), "start_method": start_method,
+        figures: dict = {
+            "images": n, "workers": args.workers, "cpus": len(os.sched_getaffinity(0)), "start_method": start_method,
             "batch_size": args.batch_size, "repeat": args.repeat, "pixel_shape": result.index["pixel_shape"],
-            "num_image_tokens": result.index["num_image_tokens"],
-            "limit_images_per_s": n / min(limit_s),
-            "processor_resize_images_per_s": n / min(processor_s),
-            "pipeline_images_per_s": n / min(pipeline_s),
-            "pipeline_processor_path_images_per_s": n / min(pipeline_processor_s),
-            "baseline_images_per_s": n / baseline_s if baseline_s else None,
-            "limit_seconds": limit_s, "processor_resize_seconds": processor_s, "pipeline_seconds": pipeline_s,
-            "pipeline_processor_path_seconds": pipeline_processor_s, "baseline_seconds": baseline_s,
+            "num_image_tokens": result.index["num_image_tokens"], "load_average": round(os.getloadavg()[0], 2),
             "quarantined": len(result.quarantined), "stored": stored,
-            "shard_bytes_per_sample": shard_bytes / stored, "jpeg_bytes_per_sample": jpeg_bytes / n,
+            "shard_bytes_per_sample": sum(result.bytes.values()) / stored, "jpeg_bytes_per_sample": jpeg_bytes / n,
             "baseline_bytes_per_sample": baseline_bytes / n if baseline_bytes else None,
-            "load_average": os.getloadavg()[0], "baseline_error": baseline_error,
+            "baseline_error": baseline_error,
         }
-        limit = figures["limit_images_per_s"]
-        figures["pipeline_vs_limit"] = figures["pipeline_images_per_s"] / limit
-        figures["pipeline_vs_processor_resize"] = figures["pipeline_images_per_s"] / figures["processor_resize_images_per_s"]
-        figures["pipeline_vs_baseline"] = (figures["pipeline_images_per_s"] / figures["baseline_images_per_s"]
-                                           if baseline_s else None)
+        for name, measured in runs.items():
+            if measured:
+                figures[f"{name}_images_per_s"] = n / min(wall for wall, _ in measured)
+                figures[f"{name}_cpu_ms_per_image"] = 1000 * min(cpu for _, cpu in measured) / n
+                figures[f"{name}_runs_wall_cpu_s"] = [[round(w, 2), round(c, 2)] for w, c in measured]
+        wall_limit, cpu_limit = figures["limit_images_per_s"], figures["limit_cpu_ms_per_image"]
+        for name in runs:
+            if f"{name}_images_per_s" in figures and name != "limit":
+                figures[f"{name}_vs_limit"] = figures[f"{name}_images_per_s"] / wall_limit
+                figures[f"{name}_vs_limit_by_cpu"] = cpu_limit / figures[f"{name}_cpu_ms_per_image"]
+        if "baseline_images_per_s" in figures:
+            figures["pipeline_vs_baseline"] = figures["pipeline_images_per_s"] / figures["baseline_images_per_s"]
+            figures["pipeline_vs_baseline_by_cpu"] = (figures["baseline_cpu_ms_per_image"]
+                                                      / figures["pipeline_cpu_ms_per_image"])
         figures["shard_vs_jpeg_bytes"] = figures["shard_bytes_per_sample"] / figures["jpeg_bytes_per_sample"]
 
-        rows = [
-            ("limit: decode + resize + crop (PIL)", limit),
-            ("decode + processor's resize/crop (transformers)", figures["processor_resize_images_per_s"]),
-            ("baseline: datasets.map + save_to_disk", figures["baseline_images_per_s"]),
-            ("pipeline: build_shards (shards written)", figures["pipeline_images_per_s"]),
-            ("pipeline with pil_geometry=False", figures["pipeline_processor_path_images_per_s"]),
-        ]
-        print(f"{n} images, {args.workers} workers ({start_method}), {result.index['pixel_shape']} pixels, "
-              f"{result.index['num_image_tokens']} image tokens; best of {args.repeat}; load {figures['load_average']:.1f}")
-        print(f"{'':50s} {'images/s':>9s} {'vs limit':>9s}")
-        for name, rate in rows:
-            print(f"{name:50s} {rate or float('nan'):9.1f} {(rate or float('nan')) / limit:9.2f}")
-        if baseline_s:
-            print(f"pipeline / baseline: {figures['pipeline_vs_baseline']:.2f}x")
+        print(f"{n} images, {args.workers} workers ({start_method}) on {figures['cpus']} CPUs, "
+              f"{result.index['pixel_shape']} pixels, {result.index['num_image_tokens']} image tokens; "
+              f"best of {args.repeat}; load average after {figures['load_average']}")
+        print(f"{'':50s} {'images/s':>9s} {'vs limit':>9s} {'CPU ms/img':>11s} {'vs limit':>9s}")
+        for name, (label, _) in variants.items():
+            if f"{name}_images_per_s" not in figures:
+                print(f"{label:50s} {'failed: ' + str(baseline_error)}")
+                continue
+            rate, cpu = figures[f"{name}_images_per_s"], figures[f"{name}_cpu_ms_per_image"]
+            print(f"{label:50s} {rate:9.1f} {rate / wall_limit:9.2f} {cpu:11.2f} {cpu_limit / cpu:9.2f}")
+        if "pipeline_vs_baseline" in figures:
+            print(f"pipeline vs baseline: {figures['pipeline_vs_baseline']:.2f}x by wall time, "
+                  f"{figures['pipeline_vs_baseline_by_cpu']:.2f}x by CPU per image")
         print(f"bytes per sample: shards {figures['shard_bytes_per_sample']:,.0f}, JPEG {figures['jpeg_bytes_per_sample']:,.0f} "
               f"({figures['shard_vs_jpeg_bytes']:.1f}x)"
               + (f", datasets.save_to_disk {figures['baseline_bytes_per_sample']:,.0f}" if baseline_bytes else ""))

@@ -245,7 +245,7 @@ def test_stored_members_are_exactly_the_formats_encoding(built):
 
 def test_same_inputs_give_byte_identical_shards(built, flowers, tiny_model_dir, tmp_path):
     # In-process with another batch size vs the pool: the bytes must not depend on either.
-    again = _build(flowers, tiny_model_dir, tmp_path / "again", num_workers=1, batch_size=5, min_shards=2)
+    _build(flowers, tiny_model_dir, tmp_path / "again", num_workers=1, batch_size=5, min_shards=2)
     assert (tmp_path / "again" / INDEX_FILE).read_bytes() == (built.out_dir / INDEX_FILE).read_bytes()
     assert _tree_digest(tmp_path / "again") == _tree_digest(built.out_dir)
 

@@ -56,7 +56,9 @@ class PromptEncoder:
 
     def _ids(self, text: str) -> np.ndarray:
         # Through the processor so the image placeholder is expanded exactly as at training time.
-        out = self.processor(text=[text], images=[self._blank], return_tensors="np")
+        # Pixel values are discarded: skip normalising them (102 classes x a full-size image adds up).
+        out = self.processor(text=[text], images=[self._blank], return_tensors="np",
+                             do_rescale=False, do_normalize=False)
         return np.asarray(out["input_ids"][0], dtype=np.int32)
 
     @property

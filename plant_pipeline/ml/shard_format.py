@@ -18,7 +18,7 @@ import numpy as np
 PIXELS = "pixels.npy"  # uint8 [3, H, W]: the image after the processor's own resize and centre crop
 INPUT_IDS = "input_ids.npy"  # int32 [L]: prompt + answer token ids, image tokens expanded
 LABELS = "labels.npy"  # int32 [L]: input_ids with every prompt position set to IGNORE_INDEX
-META = "json"  # {"image_id", "label", "name", "split", "source", "sha256"}
+META = "json"  # {"image_id", "label", "name", "split", "source", "path", "sha256" of the source file}
 FIELDS = (PIXELS, INPUT_IDS, LABELS, META)
 IGNORE_INDEX = -100
 
