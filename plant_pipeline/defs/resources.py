@@ -18,7 +18,8 @@ class PipelineStorage(ConfigurableResource):
     data_dir: str = Field(default="data", description="Folder for every output of the pipeline (git-ignored).")
 
     def path(self, *parts: str) -> Path:
-        return Path(self.data_dir).joinpath(*parts)
+        # Absolute, so paths recorded in metadata mean the same thing from any working directory.
+        return Path(self.data_dir).resolve().joinpath(*parts)
 
     @property
     def manifest_path(self) -> Path:
