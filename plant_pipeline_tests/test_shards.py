@@ -20,19 +20,22 @@ from PIL import Image
 
 from plant_pipeline.ml import shards as S
 from plant_pipeline.ml.shard_format import FIELDS, INDEX_FILE, decode_sample, encode_sample, read_index
-from plant_pipeline.ml.shards import (
-    QUARANTINE_FILE,
+from plant_pipeline.ml.shard_checks import (
     CheckOutcome,
-    ShardBuildError,
-    ShardConfig,
-    ShardInputError,
-    build_shards,
+    _read_samples,
     check_class_coverage,
     check_exactness,
     check_integrity,
     check_no_leakage,
     check_quarantine_rate,
     preview_grid,
+)
+from plant_pipeline.ml.shards import (
+    QUARANTINE_FILE,
+    ShardBuildError,
+    ShardConfig,
+    ShardInputError,
+    build_shards,
     sample_key,
 )
 
@@ -421,7 +424,7 @@ def test_quarantine_rate_check_fails_above_the_threshold(built):
 
 def _rewrite_shard(path: Path, keep=lambda sample: True, change=lambda sample: sample) -> None:
     """Rewrite a shard through the writer's own tar layout, dropping or changing samples."""
-    samples = [change(s) for s in S._read_samples(path) if keep(s)]
+    samples = [change(s) for s in _read_samples(path) if keep(s)]
     data = b"".join(S.tar_sample(s) for s in samples)
     path.write_bytes(data + b"\0" * (S._closed_size(len(data)) - len(data)))
 

@@ -16,6 +16,7 @@ from pydantic import Field
 from plant_pipeline.defs.assets.flowers import category_map, oxford_flowers
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.ml import shard_checks as checks
 from plant_pipeline.ml import shards as core
 from plant_pipeline.ml.categories import NUM_CLASSES
 from plant_pipeline.ml.fileutil import sha256_file
@@ -90,12 +91,12 @@ def flower_shards(
     if result.quarantined:
         metadata["quarantine"] = MetadataValue.json(result.quarantined[:50])
         context.log.warning(f"{len(result.quarantined)} images quarantined; see {out_dir / 'quarantine.json'}")
-    metadata["preview"] = image(core.preview_grid(out_dir, "train"), "decoded training samples")
+    metadata["preview"] = image(checks.preview_grid(out_dir, "train"), "decoded training samples")
     # The index holds every shard's sha256, so its hash changes exactly when the shards do.
     return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(out_dir / INDEX_FILE)[:16]))
 
 
-def _result(outcome: core.CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
+def _result(outcome: checks.CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
     return AssetCheckResult(
         passed=outcome.passed, description=outcome.description, metadata=outcome.metadata, severity=severity
     )
@@ -108,21 +109,21 @@ def _shards_dir(storage: PipelineStorage, model: ModelResource):
 @asset_check(asset=flower_shards, description="Every shard re-read: counts and sha256 match the index; counts "
              "match the manifest minus quarantined images.")
 def shards_integrity(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(core.check_integrity(_shards_dir(storage, model), read_manifest(storage.manifest_path)))
+    return _result(checks.check_integrity(_shards_dir(storage, model), read_manifest(storage.manifest_path)))
 
 
 @asset_check(asset=flower_shards, description="Every class present in every split.")
 def shards_class_coverage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(core.check_class_coverage(_shards_dir(storage, model), NUM_CLASSES))
+    return _result(checks.check_class_coverage(_shards_dir(storage, model), NUM_CLASSES))
 
 
 @asset_check(asset=flower_shards, description="No image (by content hash) in more than one split.")
 def shards_no_leakage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(core.check_no_leakage(_shards_dir(storage, model)))
+    return _result(checks.check_no_leakage(_shards_dir(storage, model)))
 
 
 @asset_check(asset=flower_shards, description="A random sample of stored tensors equals a fresh run of the "
              "processor on the source image.")
 def shards_exactness(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
     spec = model.spec(storage)
-    return _result(core.check_exactness(storage.shards_dir(spec.slug), storage.path(), spec.source()))
+    return _result(checks.check_exactness(storage.shards_dir(spec.slug), storage.path(), spec.source()))
