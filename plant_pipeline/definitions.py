@@ -12,6 +12,12 @@ import os
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
 from plant_pipeline.defs.assets import evaluation, flowers, shards, training
+from plant_pipeline.defs.automation import (
+    full_pipeline_job,
+    prepare_data_job,
+    retraining_schedule,
+    train_and_evaluate_job,
+)
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL
 
@@ -25,6 +31,8 @@ def build_definitions(data_dir: str | None = None, model_name: str | None = None
         assets=load_assets_from_modules(ASSET_MODULES),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
         resources={"storage": storage, "model": model},
+        jobs=[prepare_data_job, train_and_evaluate_job, full_pipeline_job],
+        schedules=[retraining_schedule],
     )
 
 

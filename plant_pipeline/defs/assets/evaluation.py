@@ -8,6 +8,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AutomationCondition,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -79,6 +80,8 @@ def _base_report(context, spec, shards_dir: Path, config: ModelEvaluationConfig,
     group_name="training",
     code_version="1",
     kinds={"pytorch"},
+    # Evaluate as soon as a new model (or new shards) lands, when the automation daemon runs (dagster dev).
+    automation_condition=AutomationCondition.eager(),
     description="Top-1, macro and top-5 accuracy on the test split, a per-class table (worst first), a confusion "
     "matrix, and the change against the previous evaluation and the base model.",
     check_specs=[

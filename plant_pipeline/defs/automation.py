@@ -1,0 +1,75 @@
+"""Jobs and the retraining schedule: retrain only when the shards or the training code changed.
+
+The schedule is created stopped, as Dagster schedules are; a person turns it on in the UI (Automation).
+"""
+
+import os
+
+from dagster import (
+    AssetKey,
+    AssetSelection,
+    DagsterInstance,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SkipReason,
+    define_asset_job,
+    schedule,
+)
+
+DATA_ASSETS = ["oxford_flowers", "category_map", "flower_shards"]
+TRAIN_ASSETS = ["trained_model", "model_evaluation"]
+RETRAIN_CRON = os.environ.get("PLANT_PIPELINE_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:00
+
+prepare_data_job = define_asset_job(
+    "prepare_data", selection=AssetSelection.assets(*DATA_ASSETS),
+    description="Download and verify the release, build the category map and the shards.",
+)
+train_and_evaluate_job = define_asset_job(
+    "train_and_evaluate", selection=AssetSelection.assets(*TRAIN_ASSETS),
+    description="Fine-tune on the current shards, then evaluate on the test split.",
+)
+full_pipeline_job = define_asset_job("full_pipeline", selection=AssetSelection.all(),
+                                     description="The whole graph, data to evaluation.")
+
+
+def _tags(instance: DagsterInstance, asset: str) -> dict[str, str] | None:
+    event = instance.get_latest_materialization_event(AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return None
+    return dict(event.asset_materialization.tags or {})
+
+
+def retraining_reason(instance: DagsterInstance, training_code_version: str | None) -> str | None:
+    """Why the model should be retrained now, or None when nothing it depends on changed.
+
+    Dagster tags every materialisation with the data versions of its inputs and its code version, so the
+    last training records which shards and which code it saw.
+    """
+    shards = _tags(instance, "flower_shards")
+    if shards is None:
+        return None
+    trained = _tags(instance, "trained_model")
+    if trained is None:
+        return "trained_model has never been materialised"
+    current, seen = shards.get("dagster/data_version"), trained.get("dagster/input_data_version/flower_shards")
+    if current != seen:
+        return f"flower_shards changed since the last training (data version {seen} -> {current})"
+    if training_code_version is not None and trained.get("dagster/code_version") != training_code_version:
+        return (f"trained_model's code version changed ({trained.get('dagster/code_version')} -> "
+                f"{training_code_version})")
+    return None
+
+
+@schedule(cron_schedule=RETRAIN_CRON, job=train_and_evaluate_job,
+          description="Retrain and evaluate when the shards or the training code changed since the last "
+          "training; otherwise skip with the reason. Cron from PLANT_PIPELINE_RETRAIN_CRON.")
+def retraining_schedule(context: ScheduleEvaluationContext):
+    from plant_pipeline.defs.assets.training import trained_model
+
+    reason = retraining_reason(context.instance, trained_model.code_versions_by_key[AssetKey("trained_model")])
+    if reason is None:
+        if _tags(context.instance, "flower_shards") is None:
+            return SkipReason("no flower_shards materialisation yet: run the prepare_data job first")
+        return SkipReason("nothing changed since the last training: same shards data version and code version")
+    context.log.info(reason)
+    return RunRequest(run_key=None, tags={"plant_pipeline/retrain_reason": reason[:200]})
