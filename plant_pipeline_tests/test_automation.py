@@ -1,8 +1,11 @@
 """Jobs, eager evaluation, and the retraining schedule's decision (build_schedule_context on a real instance)."""
 
+from pathlib import Path
+
 from dagster import (
     AssetMaterialization,
     AutomationCondition,
+    DagsterInstance,
     DefaultScheduleStatus,
     RunRequest,
     SkipReason,
@@ -75,3 +78,12 @@ def test_a_new_training_code_version_triggers_retraining():
                                               "dagster/code_version": "1"})
         assert retraining_reason(instance, "1") is None
         assert "code version changed (1 -> 2)" in retraining_reason(instance, "2")
+
+
+def test_training_holds_the_gpu_pool_and_the_instance_limits_it_to_one(tmp_path):
+    import shutil
+
+    assert defs.resolve_assets_def("trained_model").node_def.pool == "gpu"
+    shutil.copy(Path(__file__).parents[1] / "config" / "dagster.yaml", tmp_path / "dagster.yaml")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1

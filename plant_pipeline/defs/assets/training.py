@@ -117,6 +117,8 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
 @asset(
     deps=["flower_shards"],
     group_name="training",
+    # One training at a time holds the accelerator: the instance limits every pool to one slot (dagster.yaml).
+    pool="gpu",
     code_version="1",
     kinds={"pytorch"},
     description="The model fine-tuned on the train shards (streamed), with checkpoints it resumes from; "
