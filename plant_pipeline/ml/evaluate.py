@@ -27,7 +27,7 @@ import torch
 
 from .categories import CATEGORY_NAMES
 from .pixels import PixelNormalizer
-from .prompts import PromptEncoder
+from .prompts import PromptEncoder, common_prefix_length
 from .shard_format import IGNORE_INDEX, decode_sample, read_index, split_shard_paths
 
 logger = logging.getLogger(__name__)
@@ -49,13 +49,6 @@ class EvaluationError(ValueError):
 
 # --- Candidates ---------------------------------------------------------------------------------------------------
 
-def _common_prefix_length(arrays: Sequence[np.ndarray]) -> int:
-    n = min(len(a) for a in arrays)
-    stacked = np.stack([a[:n] for a in arrays])
-    differs = np.nonzero((stacked != stacked[0]).any(axis=0))[0]
-    return int(differs[0]) if len(differs) else n
-
-
 @dataclass(frozen=True)
 class CandidateSet:
     """Every candidate answer's token ids, split into the prefix they all share and each one's continuation.
@@ -76,7 +69,7 @@ class CandidateSet:
         full = [ids.astype(np.int64) for ids, _ in encoded]
         starts = np.array([int(np.argmax(labels != IGNORE_INDEX)) for _, labels in encoded], dtype=np.int64)
         # Keep at least one token per candidate after the prefix: its first token is scored by the prefix's logits.
-        shared = min(_common_prefix_length(full), min(len(ids) for ids in full) - 1)
+        shared = min(common_prefix_length(full), min(len(ids) for ids in full) - 1)
         image_token_id = encoder.image_token_id
         if (full[0][:shared] == image_token_id).sum() != encoder.num_image_tokens:
             raise EvaluationError(

@@ -7,6 +7,7 @@ are encoded once per category and reused for every image of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -27,10 +28,12 @@ def conversation(question: str, answer: str | None = None) -> list[dict]:
     return messages
 
 
-def _common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    mismatch = np.nonzero(a[:n] != b[:n])[0]
-    return int(mismatch[0]) if len(mismatch) else n
+def common_prefix_length(arrays: Sequence[np.ndarray]) -> int:
+    """How many leading tokens all ``arrays`` share."""
+    n = min(len(a) for a in arrays)
+    stacked = np.stack([a[:n] for a in arrays])
+    differs = np.nonzero((stacked != stacked[0]).any(axis=0))[0]
+    return int(differs[0]) if len(differs) else n
 
 
 @dataclass
@@ -70,7 +73,7 @@ class PromptEncoder:
         if answer not in self._cache:
             text = self.processor.apply_chat_template(conversation(self.question, answer), tokenize=False)
             input_ids = self._ids(text)
-            start = _common_prefix_length(self.prompt_ids, input_ids)
+            start = common_prefix_length([self.prompt_ids, input_ids])
             labels = input_ids.copy()
             labels[:start] = IGNORE_INDEX
             if start >= len(input_ids):

@@ -29,7 +29,7 @@ from torch import nn
 
 from .fileutil import atomic_write_text
 from .collate import memory_efficient_collate_fn
-from .model import ModelConfigError, ModelSpec, bf16_supported, resolve_device, resolve_dtype
+from .model import ModelConfigError, ModelSpec, resolve_device, resolve_dtype
 from .shard_format import read_index, split_shard_paths
 from .streaming import check_readers, make_stream
 
@@ -599,8 +599,6 @@ def _resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype
         raise TrainConfigError(str(err)) from err
     if dtype == torch.float16 and device.type == "cpu":
         raise TrainConfigError("float16 training needs a GPU (cuda or mps); on CPU use dtype='float32' or 'bfloat16'")
-    if dtype == torch.bfloat16 and device.type != "cpu" and not bf16_supported(device):
-        raise TrainConfigError(f"bfloat16 is not supported on {device}; use dtype='float16' or 'auto'")
     return dtype
 
 

@@ -132,16 +132,15 @@ def trained_model(
     if config.nproc_per_node < 1:
         raise Failure(f"nproc_per_node must be at least 1; got {config.nproc_per_node}")
     spec = model.spec(storage)
-    spec.models_dir = str(Path(spec.models_dir).resolve())
     spec.source()  # builds tiny-random-llava once here, so N ranks do not race to build it
-    shards_dir = storage.shards_dir(spec.slug).resolve()
+    shards_dir = storage.shards_dir(spec.slug)
     name = f"{spec.slug}-{run_name(train_config, spec.model_name, sha256_file(shards_dir / INDEX_FILE))}"
-    checkpoints_dir = storage.path("checkpoints", name).resolve()
+    checkpoints_dir = storage.path("checkpoints", name)
     launch_dir = checkpoints_dir / "launch"
     context.log.info(f"run {name} on {config.nproc_per_node} process(es): {json.dumps(asdict(train_config))}")
 
     run_file = RunFile(train=train_config, model=spec, shards_dir=str(shards_dir),
-                       checkpoints_dir=str(checkpoints_dir), output_dir=str(storage.path("models", name).resolve()))
+                       checkpoints_dir=str(checkpoints_dir), output_dir=str(storage.path("models", name)))
     atomic_write_json(launch_dir / "run.json", run_file.to_json())
     result_path = launch_dir / "result.json"
     result_path.unlink(missing_ok=True)
