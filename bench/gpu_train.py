@@ -351,11 +351,15 @@ def useful_flops_per_sample(model, case: Case, samples: list) -> float:
 
 # ---- timing ----------------------------------------------------------------------------------------
 
-def make_clock(warmup: int, deadline: float, sync: Callable[[], None]):
+def make_clock(warmup: int, measure_until: int, deadline: float, sync: Callable[[], None], profile_steps: int = 0):
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
-        """Times optimizer steps warmup+1 .. the last; stops training early at ``deadline``."""
+        """Times optimizer steps warmup+1 .. measure_until; stops training early at ``deadline``.
+
+        With ``profile_steps``, that many more steps then run under torch.profiler (kept out of the timing),
+        with CUDA's sync debug mode recording every host-device synchronisation and the line that caused it.
+        """
 
         def __init__(self):
             self.train_begin = self.t0 = self.t1 = None
@@ -363,33 +367,99 @@ def make_clock(warmup: int, deadline: float, sync: Callable[[], None]):
             self.stopped_early = False
             self.gaps: list[float] = []
             self._last_end = None
+            self.profiler = None
+            self.profile_wall_s = None
+            self.profiled_steps = 0
+            self.syncs: dict[str, int] = {}
+            self._warnings = None
+            self._profile_start = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.train_begin = time.monotonic()
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if self._last_end is not None and state.global_step >= warmup:
+            if self._last_end is not None and warmup <= state.global_step < measure_until:
                 self.gaps.append(time.monotonic() - self._last_end)
 
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
             now = time.monotonic()
-            if step == warmup:
+            if self.profiler is not None:
+                if step >= measure_until + profile_steps or now > deadline:
+                    self._stop_profile(sync, step)
+                    control.should_training_stop = True
+            elif step == warmup:
                 sync()
                 self.t0 = time.monotonic()
-            elif step > warmup and (step >= state.max_steps or now > deadline):
+            elif step > warmup and (step >= measure_until or now > deadline):
                 sync()
                 self.t1 = time.monotonic()
                 self.measured_steps = step - warmup
-                self.stopped_early = step < state.max_steps
-                control.should_training_stop = True
+                self.stopped_early = step < measure_until
+                if profile_steps and not self.stopped_early:
+                    self._start_profile(step)
+                else:
+                    control.should_training_stop = True
             elif now > deadline:  # still warming up: nothing to measure
                 self.stopped_early = True
                 control.should_training_stop = True
             self._last_end = time.monotonic()
             return control
 
+        def _start_profile(self, step: int) -> None:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._warnings = warnings.catch_warnings(record=True)
+            self._recorded = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode("warn")
+            self._profile_step = step
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self._profile_start = time.monotonic()
+
+        def _stop_profile(self, sync: Callable[[], None], step: int) -> None:
+            import torch
+
+            sync()
+            self.profile_wall_s = time.monotonic() - self._profile_start
+            self.profiled_steps = step - self._profile_step
+            self.profiler.__exit__(None, None, None)
+            if torch.cuda.is_available():
+                torch.cuda.set_sync_debug_mode(0)
+            for item in self._recorded:
+                if "synchroniz" in str(item.message):
+                    where = f"{Path(item.filename).name}:{item.lineno}"
+                    self.syncs[where] = self.syncs.get(where, 0) + 1
+            self._warnings.__exit__(None, None, None)
+
     return StepClock()
+
+
+def profile_summary(clock, rows: int = 15) -> str:
+    """Top operators by device (else CPU) time, GPU busy share of the wall time, and where the host synced."""
+    prof = clock.profiler
+    if prof is None or not clock.profiled_steps:
+        return "(no profile: the side stopped before the profiled steps)"
+    from torch.autograd import DeviceType
+
+    averages = prof.key_averages()
+    # Kernels only: operator rows repeat their kernels' time.
+    device_total_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
+    sort_by = "self_cuda_time_total" if device_total_us else "self_cpu_time_total"
+    lines = [f"profile over {clock.profiled_steps} steps, {clock.profile_wall_s * 1000:.0f} ms wall"]
+    if device_total_us:
+        busy = device_total_us / 1e6 / clock.profile_wall_s
+        lines.append(f"GPU kernels {device_total_us / 1000:.0f} ms = {100 * busy:.0f}% of the wall time "
+                     f"(the rest: the GPU waits on the host)")
+    lines.append(averages.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60))
+    per_step = {k: v / clock.profiled_steps for k, v in sorted(clock.syncs.items(), key=lambda kv: -kv[1])}
+    lines.append("host-device syncs per step: " + (", ".join(f"{k} x{v:g}" for k, v in per_step.items()) or "none"))
+    return "\n".join(lines)
 
 
 # ---- one side --------------------------------------------------------------------------------------
@@ -414,6 +484,7 @@ class SideResult:
     optim: str | None = None
     note: str = ""
     error: str | None = None
+    profile: str | None = None  # --profile's text, printed after the row (not part of the JSON)
 
     def row(self) -> str:
         def f(value, fmt):
@@ -472,7 +543,7 @@ def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float)
     device = run["device"]
     cuda = device.type == "cuda"
     result = SideResult(case=case.name, side=side, batch=case.batch)
-    max_steps = run["warmup"] + run["steps"]
+    max_steps = run["warmup"] + run["steps"] + run["profile"]
     trainer = model = None
     try:
         cfg = case.train_config(run["dtype_name"], max_steps)
@@ -485,8 +556,8 @@ def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float)
         result.build_s = time.monotonic() - start
         result.trainable_params, result.total_params = count_params(model)
         flops = useful_flops_per_sample(model, case, data["samples"])
-        clock = make_clock(run["warmup"], side_deadline, (lambda: torch.cuda.synchronize(device)) if cuda else
-                           (lambda: None))
+        sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+        clock = make_clock(run["warmup"], run["warmup"] + run["steps"], side_deadline, sync, run["profile"])
         args = training_args(side, cfg, run, tempfile.mkdtemp(prefix=f"gpu-train-{case.name}-{side}-",
                                                               dir=data["work"]), max_steps)
         result.optim = str(getattr(args.optim, "value", args.optim))
@@ -502,7 +573,8 @@ def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float)
             shards = split_shard_paths(data["shards"], "train")
             stream = make_stream(shards, shuffle=True, shuffle_buffer=min(cfg.shuffle_buffer, len(data["samples"])),
                                  seed=cfg.seed, epochs=None, num_workers=run["workers"], what="synthetic shards")
-            collator = MemoryEfficientCollator(normalizer=data["normalizer"], pad_token_id=PAD_ID)
+            collator = MemoryEfficientCollator(normalizer=data["normalizer"], pad_token_id=PAD_ID,
+                                               defer_pixel_normalization=cuda)  # as train.py does
             trainer = CustomTrainer(model=model, args=args, data_collator=collator, train_dataset=stream,
                                     callbacks=[clock], memory_cleanup_steps=cfg.memory_cleanup_steps)
         trainer.remove_callback(PrinterCallback)
@@ -524,6 +596,8 @@ def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float)
         if cuda:
             result.peak_gib = torch.cuda.max_memory_allocated(device) / GIB
             result.reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
+        if run["profile"]:
+            result.profile = profile_summary(clock)
     except Exception as err:  # one failed side (an OOM, say) must not cost the rest of the single GPU run
         traceback.print_exc(file=sys.stderr)
         result.error = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -655,12 +729,14 @@ def main() -> None:
     parser.add_argument("--batch-a", type=int, default=None)
     parser.add_argument("--batch-b", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None,
-                        help="CustomTrainer DataLoader workers (default: TrainConfig's dataloader_num_workers)")
+                        help="CustomTrainer DataLoader workers (default: train.py's, 0 on CUDA)")
     parser.add_argument("--plain-optim", default="adamw_torch",
                         help="the plain side's optimizer (adamw_torch: the unfused baseline of the issue)")
     parser.add_argument("--compile", action="store_true", help="torch_compile=True on the custom side (slow start)")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --tiny)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s for MFU")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed steps, profile N more steps per side (top ops, GPU idle share, syncs)")
     parser.add_argument("--bf16", action="store_true", help="bf16 even on a CPU (to check that path with --tiny)")
     args = parser.parse_args()
     # train.py calls gradient_checkpointing_enable, which transformers 5.24 marks deprecated: not this run's news.
@@ -672,7 +748,7 @@ def main() -> None:
 
     import torch
 
-    from plant_pipeline.ml.train import TrainConfig
+    from plant_pipeline.ml.train import TrainConfig, loader_workers
 
     if args.device:
         device = torch.device(args.device)
@@ -697,8 +773,9 @@ def main() -> None:
         "dtype_name": "bfloat16" if bf16 else "float32",
         "warmup": args.warmup if args.warmup is not None else (2 if args.tiny else 3),
         "steps": args.steps if args.steps is not None else (3 if args.tiny else 10),
-        "workers": args.workers if args.workers is not None else TrainConfig().dataloader_num_workers,
+        "workers": args.workers if args.workers is not None else loader_workers(TrainConfig(), device),
         "plain_optim": args.plain_optim, "compile": args.compile, "peak_flops": peak_flops,
+        "profile": max(0, args.profile),
     }
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     import transformers
@@ -745,10 +822,12 @@ def main() -> None:
                 result = run_side(case, side, run, data, side_deadline)
                 results[side] = result
                 report.line(result.row(), table=True)
+                if result.profile:
+                    report.line(f"--- profile: case {case.name} {side} ---\n{result.profile}")
                 cases_fig = report.figures["cases"]
                 cases_fig.setdefault(case.name, {"title": case.title, "reference": case.reference,
                                                  "goal_speedup": case.goal_speedup})[side] = {
-                    k: v for k, v in result.__dict__.items() if k not in ("case", "side")}
+                    k: v for k, v in result.__dict__.items() if k not in ("case", "side", "profile")}
                 report.update(cases=cases_fig, elapsed_s=time.monotonic() - T_START)
                 log(f"case {case.name} {side}: done; leftover after freeing: "
                     f"{'n/a' if result.leftover_gib is None else f'{result.leftover_gib:.2f} GiB'}")

@@ -42,6 +42,22 @@ def test_pads_right_to_the_longest_sample(collator):
     assert batch["pixel_values"].shape == (2, 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
 
 
+def test_logit_positions_are_where_some_row_predicts_an_answer(collator):
+    batch = collator([_sample("a", 5, 2), _sample("b", 9, 4)])
+    # a's answer tokens sit at 2..4 (predicted from 1..3), b's at 4..8 (from 3..7).
+    assert batch["logit_positions"].tolist() == list(range(1, 8))
+    assert batch["logit_positions"].dtype == torch.long
+
+
+def test_deferred_pixels_expand_to_the_same_values(collator):
+    rng = np.random.default_rng(1)
+    samples = [_sample(k, 6, 2, rng.integers(0, 256, size=(3, 8, 8), dtype=np.uint8)) for k in "abc"]
+    deferred = MemoryEfficientCollator(collator.normalizer, collator.pad_token_id, defer_pixel_normalization=True)
+    raw = deferred(samples)["pixel_values"]
+    assert raw.dtype == torch.uint8 and raw.shape == (3, 3, 8, 8)
+    assert torch.equal(collator.normalizer(raw), collator(samples)["pixel_values"])
+
+
 def test_pad_to_multiple_of(collator):
     rounded = MemoryEfficientCollator(collator.normalizer, collator.pad_token_id, pad_to_multiple_of=8)
     batch = rounded([_sample("a", 5, 2), _sample("b", 9, 4)])

@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,12 +59,12 @@ def val_batch(toy_shards, tiny_processor):
 def _validation_loss(model, batch) -> float:
     with torch.no_grad():
         total, count, _ = labelled_token_loss(model, batch)
-    return float(total) / count
+    return float(total) / int(count)
 
 
 # ---- the loss -------------------------------------------------------------------------------------
 
-def test_compute_loss_matches_the_models_full_logits_loss(spec, val_batch, tmp_path):
+def test_compute_loss_matches_the_models_full_logits_loss(spec, val_batch, tmp_path, toy_shards, tiny_processor):
     from peft import LoraConfig, get_peft_model
     from transformers import TrainingArguments
 
@@ -82,9 +83,28 @@ def test_compute_loss_matches_the_models_full_logits_loss(spec, val_batch, tmp_p
     # With num_items_in_batch (gradient accumulation), the sum is divided by the whole batch's token count.
     n = int(answer.sum())
     assert abs(trainer.compute_loss(model, val_batch, num_items_in_batch=2 * n).item() - reference.item() / 2) < 1e-5
+    # uint8 pixels (defer_pixel_normalization) are expanded by the trainer to the same loss; without the
+    # collator's table the error says what to pass.
+    deferred = dict(val_batch, pixel_values=torch.from_numpy(np.stack(
+        [s.pixels for s in make_stream(split_shard_paths(toy_shards, "validation"), shuffle=False)])))
+    assert deferred["pixel_values"].dtype == torch.uint8
+    assert trainer.pixel_normalizer is None
+    with pytest.raises(ValueError, match="pixel_normalizer"):
+        trainer.compute_loss(model, deferred)
+    trainer.pixel_normalizer = memory_efficient_collate_fn(tiny_processor).normalizer
+    assert abs(trainer.compute_loss(model, deferred).item() - reference.item()) < 1e-5
     # Through a PEFT wrapper (adapters start as the identity) the loss is unchanged.
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert abs(trainer.compute_loss(peft_model, val_batch).item() - reference.item()) < 1e-5
+
+
+def test_get_batch_samples_counts_answer_tokens_of_every_batch(spec, val_batch, tmp_path):
+    from transformers import TrainingArguments
+
+    trainer = CustomTrainer(model=spec.load_model(), args=TrainingArguments(tmp_path, report_to="none", use_cpu=True))
+    batches, count = trainer.get_batch_samples(iter([val_batch, val_batch]), 3, trainer.args.device)
+    assert len(batches) == 2 and batches[0]["sample_keys"] == val_batch["sample_keys"]
+    assert int(count) == 2 * int((val_batch["labels"][:, 1:] != -100).sum())
 
 
 # ---- a LoRA run, shared by several tests ----------------------------------------------------------

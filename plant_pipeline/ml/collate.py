@@ -1,7 +1,8 @@
 """Batch decoded shard samples into model inputs, padding only to the longest sequence in the batch.
 
-Shards hold uint8 pixels; the float ``pixel_values`` are made here, per batch, by the processor's own
-lookup table (pixels.py), so a sample costs one byte per channel until the moment the model needs it.
+Shards hold uint8 pixels; the float ``pixel_values`` are made per batch by the processor's own lookup table
+(pixels.py), so a sample costs one byte per channel until the moment the model needs it: here, or, with
+``defer_pixel_normalization``, on the GPU inside CustomTrainer (a quarter of the bytes to move there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from .pixels import PixelNormalizer
 from .shard_format import IGNORE_INDEX, Sample
 
 SAMPLE_KEYS = "sample_keys"  # batch entry holding the shard keys; never passed to the model
+# Batch entry: the sequence positions whose logits the loss needs (some row predicts an answer token from
+# there). Computed here on the CPU so the training step needs no host-device sync to find them.
+LOGIT_POSITIONS = "logit_positions"
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 
 
@@ -42,8 +46,12 @@ class MemoryEfficientCollator:
       ``attention_mask`` long [B, T], 1 on real tokens, 0 on padding;
       ``labels`` long [B, T], right-padded with -100;
       ``pixel_values`` float32 [B, 3, H, W], bit-identical to the processor's output for these images;
-      ``sample_keys`` list[str] of the shard keys, for error messages. It is not a model input:
-      CustomTrainer passes only input_ids, attention_mask and pixel_values to the model.
+        with ``defer_pixel_normalization`` the uint8 pixels themselves, which CustomTrainer expands on the
+        device with the same table (pixels.py), giving the same float values;
+      ``logit_positions`` long [K], the sorted positions t where labels[:, t + 1] != -100 in some row;
+      ``sample_keys`` list[str] of the shard keys, for error messages.
+      The last two are not model inputs: CustomTrainer passes only input_ids, attention_mask and
+      pixel_values to the model.
 
     A batch that breaks the contract raises CollateError (a ValueError) naming the sample keys.
     """
@@ -51,6 +59,7 @@ class MemoryEfficientCollator:
     normalizer: PixelNormalizer
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    defer_pixel_normalization: bool = False
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -115,18 +124,20 @@ class MemoryEfficientCollator:
             input_ids[row, :length] = torch.from_numpy(sample.input_ids.astype(np.int64, copy=False))
             labels[row, :length] = torch.from_numpy(sample.labels.astype(np.int64, copy=False))
             attention_mask[row, :length] = 1
-        # Stack bytes, then expand to float once for the whole batch.
+        # Stack bytes, then expand to float once for the whole batch (or leave that to the device).
         pixels = torch.from_numpy(np.stack([s.pixels for s in samples]))
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
-            "pixel_values": self.normalizer(pixels),
+            "pixel_values": pixels if self.defer_pixel_normalization else self.normalizer(pixels),
+            LOGIT_POSITIONS: (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1),
             SAMPLE_KEYS: [s.key for s in samples],
         }
 
 
-def memory_efficient_collate_fn(processor, pad_to_multiple_of: int | None = None) -> MemoryEfficientCollator:
+def memory_efficient_collate_fn(processor, pad_to_multiple_of: int | None = None,
+                                defer_pixel_normalization: bool = False) -> MemoryEfficientCollator:
     """The collator for one ``LlavaProcessor``: its pixel lookup table and its tokenizer's pad token."""
     tokenizer = processor.tokenizer
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -136,4 +147,5 @@ def memory_efficient_collate_fn(processor, pad_to_multiple_of: int | None = None
         normalizer=PixelNormalizer.from_processor(processor.image_processor),
         pad_token_id=int(pad_token_id),
         pad_to_multiple_of=pad_to_multiple_of,
+        defer_pixel_normalization=defer_pixel_normalization,
     )

@@ -73,11 +73,23 @@ class PixelNormalizer:
         return cls(table=torch.from_numpy(values.reshape(3, 256).copy()))
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float pixel values on ``pixels``' own device (CPU in a collator, the GPU inside CustomTrainer)."""
         if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[1] != 3:
             raise PixelFormatError(
                 f"expected uint8 pixels of shape [B, 3, H, W]; got {tuple(pixels.shape)} {pixels.dtype}"
             )
-        index = pixels.long()
+        table = self._table_on(pixels.device)
         # Gather per channel: out[b, c, h, w] = table[c, pixels[b, c, h, w]].
-        channel_offset = (torch.arange(3) * 256).view(1, 3, 1, 1)
-        return self.table.reshape(-1)[index + channel_offset]
+        channel_offset = (torch.arange(3, device=pixels.device) * 256).view(1, 3, 1, 1)
+        return table[pixels.long() + channel_offset]
+
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        """The flat table on ``device``, copied there once (a dataclass field would be compared and printed)."""
+        cache = self.__dict__.setdefault("_tables", {})
+        if device not in cache:
+            cache[device] = self.table.reshape(-1).to(device)
+        return cache[device]
+
+    def __getstate__(self) -> dict:
+        # Spawned DataLoader workers get the CPU table only, never a copy cached on a GPU.
+        return {"table": self.table}

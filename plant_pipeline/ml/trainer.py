@@ -1,12 +1,18 @@
 """A ``transformers.Trainer`` for LLaVA on streamed shards: answer-token loss, streaming loaders, fail-fast steps.
 
-Only documented hooks are overridden (data loaders, training_step, compute_loss, prediction_step, evaluate),
-with the parent's signatures and return shapes.
+Only documented hooks are overridden (data loaders, get_batch_samples, training_step, compute_loss,
+prediction_step, evaluate), with the parent's signatures and return shapes.
+
+No host-device synchronisation of its own per training step: batches go to the GPU non-blocking from pinned
+memory as soon as they are fetched, logit positions come from the collator, and pixels may travel as uint8
+and be expanded on the device. The one sync left is the non-finite loss check, which shares its moment with
+the Trainer's own NaN/inf logging filter.
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import time
@@ -18,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer
 
-from .collate import MODEL_INPUTS, SAMPLE_KEYS
+from .collate import LOGIT_POSITIONS, MODEL_INPUTS, SAMPLE_KEYS
+from .pixels import PixelNormalizer
 from .shard_format import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -39,21 +46,32 @@ class NonFiniteLossError(FloatingPointError):
         )
 
 
-def labelled_token_loss(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(sum of cross-entropy over answer tokens, number of answer tokens, logits [B, K, vocab]).
+def labelled_token_loss(model: nn.Module, inputs: dict[str, Any], normalizer: PixelNormalizer | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropy over answer tokens, number of answer tokens (a 0-d tensor), logits [B, K, vocab]).
 
     Logits are computed only at the K sequence positions where some row of the batch predicts an answer
-    token: passed as a 1-D index tensor in ``logits_to_keep``, LlavaForConditionalGeneration applies
-    ``lm_head`` to those hidden states alone (a dozen positions instead of one per image token; every
-    transformers 5 release takes a 1-D tensor there). The call goes through the outermost model (DDP,
-    PEFT, accelerate's autocast wrapper), so DDP's gradient hooks fire exactly as for an ordinary forward;
-    calling the inner language model and lm_head directly would bypass them.
+    token (``logit_positions`` from the collator, else found here): passed as a 1-D index tensor in
+    ``logits_to_keep``, LlavaForConditionalGeneration applies ``lm_head`` to those hidden states alone (a
+    dozen positions instead of one per image token; every transformers 5 release takes a 1-D tensor there).
+    The call goes through the outermost model (DDP, PEFT, accelerate's autocast wrapper), so DDP's gradient
+    hooks fire exactly as for an ordinary forward; calling the inner language model and lm_head directly
+    would bypass them. uint8 ``pixel_values`` are expanded with ``normalizer`` on their device first.
     """
     labels = inputs["labels"]
     shifted = labels[:, 1:]  # position t predicts token t + 1
-    columns = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    columns = inputs.get(LOGIT_POSITIONS)
+    if columns is None:
+        columns = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     targets = shifted[:, columns]  # [B, K], -100 where this row has no answer token at that position
-    outputs = model(**{k: inputs[k] for k in MODEL_INPUTS}, logits_to_keep=columns, use_cache=False)
+    model_inputs = {k: inputs[k] for k in MODEL_INPUTS}
+    if model_inputs["pixel_values"].dtype == torch.uint8:
+        if normalizer is None:
+            raise ValueError(
+                "pixel_values are uint8 (a collator with defer_pixel_normalization=True) but no PixelNormalizer "
+                "was given: pass the collator's normalizer as CustomTrainer(pixel_normalizer=...)")
+        model_inputs["pixel_values"] = normalizer(model_inputs["pixel_values"])
+    outputs = model(**model_inputs, logits_to_keep=columns, use_cache=False)
     logits = outputs.logits
     if tuple(logits.shape[:2]) != tuple(targets.shape):
         raise RuntimeError(
@@ -63,7 +81,12 @@ def labelled_token_loss(model: nn.Module, inputs: dict[str, Any]) -> tuple[torch
         )
     loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
-    return loss_sum, int((targets != IGNORE_INDEX).sum()), logits
+    return loss_sum, (targets != IGNORE_INDEX).sum(), logits
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors to ``device`` without waiting: from pinned memory the copy runs behind the queued GPU work."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class CustomTrainer(Trainer):
@@ -82,8 +105,11 @@ class CustomTrainer(Trainer):
     """
 
     def __init__(self, *args, memory_cleanup_steps: int = 0, max_eval_samples: int | None = None,
-                 eval_dataloader_num_workers: int | None = None, **kwargs):
+                 eval_dataloader_num_workers: int | None = None, pixel_normalizer: PixelNormalizer | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        # Expands uint8 pixel_values on the device; taken from the collator when it has one.
+        self.pixel_normalizer = pixel_normalizer or getattr(self.data_collator, "normalizer", None)
         self.memory_cleanup_steps = memory_cleanup_steps
         self.max_eval_samples = max_eval_samples
         self.eval_dataloader_num_workers = eval_dataloader_num_workers
@@ -132,10 +158,16 @@ class CustomTrainer(Trainer):
         # Evaluation is occasional: idle workers between evaluations would only hold memory.
         return self._stream_loader(dataset, self.args.eval_batch_size, workers, persistent=False)
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The parent's, with each batch sent to the device as it is fetched: the copy overlaps the GPU's
+        queued work, and the answer-token count is then summed there instead of copied over with a sync."""
+        batches = [_to_device(batch, self.args.device) for batch in itertools.islice(epoch_iterator, num_batches)]
+        return super().get_batch_samples(iter(batches), len(batches), device)
+
     # ---- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        loss_sum, count, logits = labelled_token_loss(model, inputs)
+        loss_sum, count, logits = labelled_token_loss(model, inputs, self.pixel_normalizer)
         if num_items_in_batch is not None:
             # Normalised over every answer token of the accumulated (and, on DDP, gathered) batch: gradient
             # accumulation and ranks with different token counts weigh each token equally.
@@ -143,7 +175,7 @@ class CustomTrainer(Trainer):
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks
         else:
-            loss = loss_sum / max(count, 1)
+            loss = loss_sum / count.clamp(min=1)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
@@ -171,8 +203,8 @@ class CustomTrainer(Trainer):
                         ignore_keys: list[str] | None = None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss_sum, count, logits = labelled_token_loss(model, inputs)
-        loss = (loss_sum / max(count, 1)).detach()
+            loss_sum, count, logits = labelled_token_loss(model, inputs, self.pixel_normalizer)
+        loss = (loss_sum / count.clamp(min=1)).detach()
         return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), None)
 
     def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
@@ -199,15 +231,16 @@ class CustomTrainer(Trainer):
                     keys = list(batch.get(SAMPLE_KEYS, []))
                     if limit is not None and samples + len(keys) > limit:
                         rows = limit - samples
-                        batch = {k: v[:rows] for k, v in batch.items()}
+                        # Positions are per batch, not per row: recomputed for the rows kept.
+                        batch = {k: v[:rows] for k, v in batch.items() if k != LOGIT_POSITIONS}
                         keys = keys[:rows]
                     batch = self._prepare_inputs(batch)
                     with self.accelerator.autocast():
-                        loss_sum, count, _ = labelled_token_loss(model, batch)
+                        loss_sum, count, _ = labelled_token_loss(model, batch, self.pixel_normalizer)
                     if not torch.isfinite(loss_sum):
                         raise NonFiniteLossError(self.state.global_step, keys, float(loss_sum), phase="validation")
                     total += loss_sum.double()
-                    tokens += count
+                    tokens += int(count)
                     samples += len(keys)
         finally:
             model.train(was_training)
