@@ -11,17 +11,19 @@ import os
 
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules
 
-from plant_pipeline.defs.assets import evaluation, flowers, shards, training
+from plant_pipeline.defs.assets import evaluation, flowers, shards, training, user_photos
 from plant_pipeline.defs.automation import (
+    add_user_photos_job,
     full_pipeline_job,
     prepare_data_job,
     retraining_schedule,
     train_and_evaluate_job,
 )
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.sensors import incoming_photos_sensor
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL
 
-ASSET_MODULES = [flowers, shards, training, evaluation]
+ASSET_MODULES = [flowers, user_photos, shards, training, evaluation]
 
 
 def build_definitions(data_dir: str | None = None, model_name: str | None = None) -> Definitions:
@@ -31,8 +33,9 @@ def build_definitions(data_dir: str | None = None, model_name: str | None = None
         assets=load_assets_from_modules(ASSET_MODULES),
         asset_checks=load_asset_checks_from_modules(ASSET_MODULES),
         resources={"storage": storage, "model": model},
-        jobs=[prepare_data_job, train_and_evaluate_job, full_pipeline_job],
+        jobs=[prepare_data_job, add_user_photos_job, train_and_evaluate_job, full_pipeline_job],
         schedules=[retraining_schedule],
+        sensors=[incoming_photos_sensor],
     )
 
 

@@ -7,6 +7,7 @@ from dagster import (
     AutomationCondition,
     DagsterInstance,
     DefaultScheduleStatus,
+    DefaultSensorStatus,
     RunRequest,
     SkipReason,
     build_schedule_context,
@@ -28,15 +29,23 @@ def _evaluate(instance):
 def test_jobs_cover_the_graph_and_the_schedule_starts_stopped():
     assets = {
         name: {key.to_user_string() for key in defs.resolve_job_def(name).asset_layer.executable_asset_keys}
-        for name in ("prepare_data", "train_and_evaluate", "full_pipeline")
+        for name in ("prepare_data", "add_user_photos", "train_and_evaluate", "full_pipeline")
     }
-    assert assets["prepare_data"] == {"oxford_flowers", "category_map", "flower_shards"}
+    assert assets["prepare_data"] == {"oxford_flowers", "category_map", "user_photos", "flower_shards"}
+    assert assets["add_user_photos"] == {"user_photos", "flower_shards"}
     assert assets["train_and_evaluate"] == {"trained_model", "model_evaluation"}
     assert assets["full_pipeline"] == assets["prepare_data"] | assets["train_and_evaluate"]
     schedule = defs.resolve_schedule_def("retraining_schedule")
     assert schedule.default_status == DefaultScheduleStatus.STOPPED
     assert schedule.cron_schedule == RETRAIN_CRON == "0 3 * * 1"
     assert schedule.job_name == "train_and_evaluate"
+
+
+def test_the_incoming_photos_sensor_starts_stopped_and_launches_add_user_photos():
+    sensor = defs.resolve_sensor_def("incoming_photos_sensor")
+    assert sensor.default_status == DefaultSensorStatus.STOPPED
+    assert sensor.job_name == "add_user_photos"
+    assert sensor.minimum_interval_seconds == 60
 
 
 def test_model_evaluation_is_evaluated_eagerly():

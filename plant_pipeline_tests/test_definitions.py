@@ -13,7 +13,8 @@ from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 LINEAGE = {
     "oxford_flowers": set(),
     "category_map": {"oxford_flowers"},
-    "flower_shards": {"oxford_flowers", "category_map"},
+    "user_photos": set(),
+    "flower_shards": {"oxford_flowers", "category_map", "user_photos"},
     "trained_model": {"flower_shards"},
     "model_evaluation": {"trained_model", "flower_shards"},
 }
@@ -28,7 +29,7 @@ CHECKS = {
     ("model_evaluation", "coverage"),
 }
 # Assets whose run config a person sets in the Launchpad.
-CONFIGURED = {"oxford_flowers", "flower_shards", "trained_model", "model_evaluation"}
+CONFIGURED = {"oxford_flowers", "user_photos", "flower_shards", "trained_model", "model_evaluation"}
 
 
 def _config_class(asset_name: str) -> type[Config] | None:
@@ -53,8 +54,8 @@ def test_asset_keys_and_lineage():
 
 def test_asset_groups():
     groups = {spec.key.to_user_string(): spec.group_name for spec in defs.resolve_all_asset_specs()}
-    assert groups == {"oxford_flowers": "data", "category_map": "data", "flower_shards": "data",
-                      "trained_model": "training", "model_evaluation": "training"}
+    assert groups == {"oxford_flowers": "data", "category_map": "data", "user_photos": "data",
+                      "flower_shards": "data", "trained_model": "training", "model_evaluation": "training"}
 
 
 def test_asset_checks():

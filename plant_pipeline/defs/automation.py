@@ -16,13 +16,20 @@ from dagster import (
     schedule,
 )
 
-DATA_ASSETS = ["oxford_flowers", "category_map", "flower_shards"]
+DATA_ASSETS = ["oxford_flowers", "category_map", "user_photos", "flower_shards"]
+USER_PHOTO_ASSETS = ["user_photos", "flower_shards"]
 TRAIN_ASSETS = ["trained_model", "model_evaluation"]
 RETRAIN_CRON = os.environ.get("PLANT_PIPELINE_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:00
 
 prepare_data_job = define_asset_job(
     "prepare_data", selection=AssetSelection.assets(*DATA_ASSETS),
-    description="Download and verify the release, build the category map and the shards.",
+    description="Download and verify the release, build the category map, take in new user photos and build "
+    "the shards.",
+)
+add_user_photos_job = define_asset_job(
+    "add_user_photos", selection=AssetSelection.assets(*USER_PHOTO_ASSETS),
+    description="Take in new photos from data/incoming and rebuild the shards with them; incoming_photos_sensor "
+    "launches it.",
 )
 train_and_evaluate_job = define_asset_job(
     "train_and_evaluate", selection=AssetSelection.assets(*TRAIN_ASSETS),

@@ -9,6 +9,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from plant_pipeline.ml import incoming
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
 
 
@@ -24,6 +25,11 @@ class PipelineStorage(ConfigurableResource):
     @property
     def manifest_path(self) -> Path:
         return self.path("oxford_flowers", "manifest.parquet")
+
+    @property
+    def incoming_dir(self) -> Path:
+        """Where users drop photos: ``incoming/<category name or 0-based id>/*.jpg``."""
+        return self.path(incoming.INCOMING_DIR)
 
     @property
     def category_map_path(self) -> Path:

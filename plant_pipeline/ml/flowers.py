@@ -229,6 +229,16 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return df
 
 
+def combine_manifests(*frames: pd.DataFrame) -> pd.DataFrame:
+    """One manifest from several sources (the release, user photos), validated: image_id stays unique."""
+    columns = list(MANIFEST_COLUMNS)
+    # Empty frames are left out: pandas 2 warns about (and may change the dtypes of) a concat with empty frames.
+    parts = [df.loc[:, columns] for df in frames if len(df)] or [frames[0].loc[:, columns]]
+    combined = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+    validate_manifest(combined, f"manifest combined from sources {sorted(set(combined['source']))}")
+    return combined
+
+
 def summarize_manifest(df: pd.DataFrame) -> dict[str, int]:
     """Counts for logs and asset metadata: images per split, classes, images per class."""
     per_class = df["label"].value_counts()

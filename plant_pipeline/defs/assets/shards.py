@@ -14,13 +14,15 @@ from dagster import (
 from pydantic import Field
 
 from plant_pipeline.defs.assets.flowers import category_map, oxford_flowers
+from plant_pipeline.defs.assets.user_photos import user_photos
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.ml import incoming
 from plant_pipeline.ml import shard_checks as checks
 from plant_pipeline.ml import shards as core
 from plant_pipeline.ml.categories import NUM_CLASSES
 from plant_pipeline.ml.fileutil import sha256_file
-from plant_pipeline.ml.flowers import read_manifest
+from plant_pipeline.ml.flowers import combine_manifests, read_manifest
 from plant_pipeline.ml.shard_format import INDEX_FILE
 
 
@@ -46,13 +48,19 @@ def _shard_config(config: FlowerShardsConfig) -> core.ShardConfig:
     )
 
 
+def training_manifest(storage: PipelineStorage):
+    """The release's manifest plus the photos users contributed (none before user_photos first ran)."""
+    return combine_manifests(read_manifest(storage.manifest_path), incoming.read_user_manifest(storage.path()))
+
+
 @asset(
-    deps=[oxford_flowers, category_map],
+    deps=[oxford_flowers, category_map, user_photos],
     group_name="data",
-    code_version="1",
+    code_version="2",  # 2: user photos join the release's rows
     kinds={"python", "webdataset"},
     description="Images resized and cropped by the model's own processor (stored as uint8), prompt token ids and "
-    "answer masks, validated and written as WebDataset tar shards per split.",
+    "answer masks, validated and written as WebDataset tar shards per split: the Oxford release plus the "
+    "photos users contributed (user_photos).",
 )
 def flower_shards(
     context: AssetExecutionContext, config: FlowerShardsConfig, storage: PipelineStorage, model: ModelResource
@@ -64,8 +72,9 @@ def flower_shards(
         if done == total or done % 500 == 0:
             context.log.info(f"{split}: {done}/{total} images preprocessed")
 
+    manifest = training_manifest(storage)
     result = core.build_shards(
-        read_manifest(storage.manifest_path),
+        manifest,
         storage.path(),
         spec.source(),
         out_dir,
@@ -83,6 +92,7 @@ def flower_shards(
         "images_per_second": round(result.images_per_second, 1),
         "pixel_shape": str(result.index.get("pixel_shape")),
         "num_image_tokens": result.index.get("num_image_tokens"),
+        "images_by_source": MetadataValue.json(manifest["source"].value_counts().to_dict()),
     }
     for split, info in splits.items():
         metadata[f"samples_{split}"] = info["samples"]
@@ -109,7 +119,7 @@ def _shards_dir(storage: PipelineStorage, model: ModelResource):
 @asset_check(asset=flower_shards, description="Every shard re-read: counts and sha256 match the index; counts "
              "match the manifest minus quarantined images.")
 def shards_integrity(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(checks.check_integrity(_shards_dir(storage, model), read_manifest(storage.manifest_path)))
+    return _result(checks.check_integrity(_shards_dir(storage, model), training_manifest(storage)))
 
 
 @asset_check(asset=flower_shards, description="Every class present in every split.")

@@ -1,0 +1,72 @@
+"""Asset ``user_photos``: photos users drop into ``data/incoming/<category>/``, each taken in once by content hash.
+
+incoming_photos_sensor (sensors.py) launches it when new photos appear; flower_shards adds them to the train split.
+"""
+
+import pandas as pd
+from dagster import (
+    AssetExecutionContext,
+    Config,
+    DataVersion,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+from pydantic import Field
+
+from plant_pipeline.defs.metadata import table
+from plant_pipeline.defs.resources import PipelineStorage
+from plant_pipeline.ml import incoming
+from plant_pipeline.ml.fileutil import sha256_file
+
+_LISTED = 50  # rows of the metadata tables; the counts say how many there were
+
+
+class UserPhotosConfig(Config):
+    split: str = Field(
+        default="train",
+        description="The split photos taken in by this run join: train (the default), validation or test. "
+        "Photos taken in earlier keep theirs.",
+    )
+
+
+@asset(
+    group_name="data",
+    code_version="1",
+    kinds={"python", "parquet"},
+    description="Photos from data/incoming/<category name or 0-based id>/: decoded, taken in once each by "
+    "sha256, copied to data/user_photos/ with a ledger and a manifest (source 'user'). Unknown categories and "
+    "undecodable files are reported and left in place.",
+)
+def user_photos(
+    context: AssetExecutionContext, config: UserPhotosConfig, storage: PipelineStorage
+) -> MaterializeResult:
+    storage.incoming_dir.mkdir(parents=True, exist_ok=True)  # so that people see where photos go
+    result = incoming.ingest(storage.path(), split=config.split)
+    for item in result.rejected:
+        context.log.warning(f"left in place: {item.original}: {item.reason}")
+    for item in result.scan.duplicates:
+        context.log.info(f"not taken in again: {item.original}: {item.reason}")
+    manifest = incoming.user_manifest(result.photos)
+    metadata = {
+        "new_photos": len(result.added),
+        "duplicates": len(result.scan.duplicates),
+        "rejected": len(result.rejected),
+        "already_taken_in": result.scan.known,
+        "num_photos": len(result.photos),
+        "photos_per_split": MetadataValue.json(manifest["split"].value_counts().to_dict()),
+        "num_classes": int(manifest["label"].nunique()),
+        "incoming_dir": MetadataValue.path(str(storage.incoming_dir)),
+        "ledger_path": MetadataValue.path(str(result.ledger_path)),
+        "manifest_path": MetadataValue.path(str(result.manifest_path)),
+    }
+    if result.added:
+        added = pd.DataFrame(result.added)[["image_id", "original", "name", "label", "split", "path"]]
+        metadata["taken_in"] = table(added, limit=_LISTED)
+    skipped = [("rejected", s) for s in result.rejected] + [("duplicate", s) for s in result.scan.duplicates]
+    if skipped:
+        rows = pd.DataFrame([{"file": s.original, "outcome": kind, "reason": s.reason} for kind, s in skipped])
+        metadata["left_in_place"] = table(rows, limit=_LISTED)
+    context.log.info(f"{len(result.added)} new photos taken in; {len(result.photos)} user photos in all")
+    # The manifest's hash: flower_shards goes stale only when the set of user photos really changed.
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(result.manifest_path)[:16]))
