@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,40 @@ def test_torchrun_two_ranks_train_in_step_on_disjoint_samples(tiny_model_dir, to
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     resumed = json.loads((tmp_path / "result2.json").read_text())
     assert resumed["resumed_from_step"] == 4 and resumed["steps"] == 6
+
+
+# ---- accelerate launch -----------------------------------------------------------------------------
+
+def test_accelerate_launch_runs_the_entry_point_with_the_shipped_config(tiny_model_dir, toy_shards, tmp_path):
+    # On CPU accelerate starts one process (several need MPI); the point is that the shipped config file and the
+    # entry point work together unchanged. FSDP / DeepSpeed need GPUs: bench/gpu_fsdp.py runs FSDP there.
+    run = RunFile(train=TrainConfig(**FAST), model=ModelSpec(model_name=str(tiny_model_dir), device="cpu",
+                                                             local_files_only=True),
+                  shards_dir=str(toy_shards), checkpoints_dir=str(tmp_path / "ck"), output_dir=str(tmp_path / "out"))
+    (tmp_path / "run.json").write_text(json.dumps(run.to_json()))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "config" / "accelerate" / "ddp.yaml"), "--cpu", "--num_processes", "1",
+               "-m", "plant_pipeline.ml.train_cli", "--config", str(tmp_path / "run.json"),
+               "--result", str(tmp_path / "result.json")]
+    done = subprocess.run(command, env=_child_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["steps"] == 4 and result["final_validation_loss"] < result["initial_validation_loss"]
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    assert not (out / "training_args.bin").exists(), "no pickle in the result folder"
+    assert not list(tmp_path.glob(".out.saving*")), "the staging folder is gone"
+
+
+def test_merge_lora_is_refused_before_any_work_when_weights_are_sharded(tiny_model_dir, toy_shards, tmp_path,
+                                                                        monkeypatch):
+    from plant_pipeline.ml.train import TrainConfigError, train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(TrainConfigError, match="merge_lora=True cannot merge adapters into weights that FSDP shards"):
+        train(TrainConfig(**FAST, merge_lora=True), model_spec=ModelSpec(model_name=str(tiny_model_dir), device="cpu"),
+              shards_dir=toy_shards, checkpoints_dir=tmp_path / "ck", output_dir=tmp_path / "out")
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "out").exists()
 
 
 # ---- the asset through Pipes -----------------------------------------------------------------------

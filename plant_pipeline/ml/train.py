@@ -17,7 +17,6 @@ import re
 import resource
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -551,26 +550,45 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _save_result(model: nn.Module, processor, config: TrainConfig, model_spec: ModelSpec, output_dir: Path,
-                 log_history: list[dict], summary: dict) -> tuple[Path, str]:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+def sharded_engine() -> str | None:
+    """"FSDP" or "DeepSpeed" when ``accelerate launch`` shards the weights across ranks, else None."""
+    for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
+            return name
+    return None
+
+
+def _save_result(trainer, processor, config: TrainConfig, model_spec: ModelSpec, output_dir: Path,
+                 log_history: list[dict], summary: dict, is_main: bool) -> tuple[Path | None, str]:
+    """Called on every rank: under FSDP / ZeRO-3 each rank holds a shard, and Trainer.save_model gathers the
+    full weights to rank 0, which alone writes. The folder is swapped into place only when complete."""
+    tmp = output_dir.parent / f".{output_dir.name}.saving"  # one path that every rank agrees on
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    trainer.accelerator.wait_for_everyone()
+    curve, kind = None, "lora_adapter" if config.use_lora else "full"
     try:
-        if config.use_lora and config.merge_lora:
+        if config.use_lora and config.merge_lora:  # unsharded only: refused before training under FSDP/DeepSpeed
             kind = "merged"
-            model.merge_and_unload().save_pretrained(tmp)
+            if is_main:
+                trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(tmp)
         else:
-            kind = "lora_adapter" if config.use_lora else "full"
-            model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        curve = plot_loss_curve(log_history, tmp / LOSS_CURVE)
-        meta = {"kind": kind, "model_spec": asdict(model_spec), "train_config": asdict(config), **summary,
-                "log_history": log_history}
-        (tmp / RESULT_META).write_text(json.dumps(_json_safe(meta), indent=2, sort_keys=True))
-        _replace_dir(tmp, output_dir)
+            trainer.save_model(str(tmp))
+        if is_main:
+            # The Trainer pickles its TrainingArguments beside the weights; the settings are in RESULT_META.
+            (tmp / "training_args.bin").unlink(missing_ok=True)
+            processor.save_pretrained(tmp)
+            curve = plot_loss_curve(log_history, tmp / LOSS_CURVE)
+            meta = {"kind": kind, "model_spec": asdict(model_spec), "train_config": asdict(config), **summary,
+                    "log_history": log_history}
+            (tmp / RESULT_META).write_text(json.dumps(_json_safe(meta), indent=2, sort_keys=True))
+            _replace_dir(tmp, output_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir / curve.name, kind
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return (output_dir / curve.name if curve else None), kind
 
 
 def load_trained(model_path: str | Path, model_spec: ModelSpec, device: torch.device | str | None = None):
@@ -637,6 +655,11 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = _resolve_precision(config, device)
+    engine = sharded_engine()
+    if engine and config.use_lora and config.merge_lora:
+        raise TrainConfigError(
+            f"merge_lora=True cannot merge adapters into weights that {engine} shards across ranks; train with "
+            "merge_lora=False, then merge once: load_trained(path, spec)[0].merge_and_unload().save_pretrained(...)")
     index = read_index(shards_dir)
     train_samples = _split_samples(index, "train", shards_dir)
     val_samples = _split_samples(index, "validation", shards_dir)
@@ -782,11 +805,8 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         "resumed_from_step": resumed_step,
         "world_size": world_size,
     }
-    curve_path = None
-    if is_main:
-        curve, _ = _save_result(trainer.model, processor, config, model_spec, output_dir, history,
-                                {**summary, "seconds": time.time() - started})
-        curve_path = str(curve)
-    trainer.accelerator.wait_for_everyone()
+    curve, _ = _save_result(trainer, processor, config, model_spec, output_dir, history,
+                            {**summary, "seconds": time.time() - started}, is_main)
+    curve_path = str(curve) if curve else None
     return TrainResult(model_path=str(output_dir), log_history=history, seconds=time.time() - started,
                        loss_curve_path=curve_path, **summary)
