@@ -8,13 +8,11 @@ where they are; nothing under ``incoming/`` is ever modified.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,12 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from .categories import CATEGORY_NAMES
 from .fileutil import atomic_write_bytes, atomic_write_json, sha256_file
 from .flowers import MANIFEST_COLUMNS, SPLITS, read_manifest, write_manifest
+from .locking import output_lock
 from .pixels import to_rgb
-
-try:  # POSIX (Linux, macOS); elsewhere ingest runs unlocked
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -273,20 +267,6 @@ class IngestResult:
     manifest_path: Path
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One intake at a time: two runs must not both append to the ledger."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ingest(data_root: Path, split: str = "train") -> IngestResult:
     """Take every new photo under ``incoming/`` in: copy it into the store, append it to the ledger,
     rewrite the user manifest. Idempotent: a second call with nothing new changes nothing.
@@ -298,7 +278,9 @@ def ingest(data_root: Path, split: str = "train") -> IngestResult:
         raise IncomingError(f"split must be one of {list(SPLITS)}; got {split!r}")
     data_root = Path(data_root)
     store = data_root / STORE_DIR
-    with _locked(store / ".lock"):
+    # One intake at a time: two runs must not both append to the ledger.
+    with output_lock(store / ".lock", owner=f"user photo intake into {split}", wait_s=600,
+                     what=f"the user photo store {store}"):
         photos = read_ledger(data_root)
         scan = scan_incoming(data_root, photos)
         rejected = list(scan.rejected)

@@ -16,6 +16,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.categories import CATEGORY_NAMES
@@ -91,6 +92,7 @@ def _base_report(context, spec, shards_dir: Path, config: ModelEvaluationConfig,
         AssetCheckSpec("coverage", asset="model_evaluation", description="every class has test images and was scored"),
     ],
 )
+@locked_output
 def model_evaluation(
     context: AssetExecutionContext, config: ModelEvaluationConfig, storage: PipelineStorage, model: ModelResource
 ) -> MaterializeResult:

@@ -16,6 +16,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import ProgressLog, table
 from plant_pipeline.defs.resources import PipelineStorage
 from plant_pipeline.ml.categories import CATEGORY_NAMES
@@ -72,6 +73,7 @@ def _source_md5sums(config: OxfordFlowersConfig, downloads: Path) -> dict[str, s
     description="The Oxford Flowers 102 release, downloaded with checksums, safely extracted, and a manifest "
     "of image, label and split.",
 )
+@locked_output
 def oxford_flowers(
     context: AssetExecutionContext, config: OxfordFlowersConfig, storage: PipelineStorage
 ) -> MaterializeResult:
@@ -112,6 +114,7 @@ def oxford_flowers(
     kinds={"python", "json"},
     description="The 102 category names with their ids (0-based labels of the manifest).",
 )
+@locked_output
 def category_map(context: AssetExecutionContext, storage: PipelineStorage) -> MaterializeResult:
     mapping = {
         "id_to_name": {str(label): name for label, name in enumerate(CATEGORY_NAMES)},

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from plant_pipeline.defs.assets.flowers import category_map, oxford_flowers
 from plant_pipeline.defs.assets.user_photos import user_photos
+from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml import incoming
@@ -62,6 +63,7 @@ def training_manifest(storage: PipelineStorage):
     "answer masks, validated and written as WebDataset tar shards per split: the Oxford release plus the "
     "photos users contributed (user_photos).",
 )
+@locked_output
 def flower_shards(
     context: AssetExecutionContext, config: FlowerShardsConfig, storage: PipelineStorage, model: ModelResource
 ) -> MaterializeResult:

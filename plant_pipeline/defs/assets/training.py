@@ -30,6 +30,7 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
+from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
@@ -125,6 +126,7 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
     "its metadata shows the losses, speed, memory and a loss curve. Trains in a separate process "
     "(nproc_per_node DDP ranks) launched through Dagster Pipes.",
 )
+@locked_output
 def trained_model(
     context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage, model: ModelResource
 ) -> MaterializeResult:

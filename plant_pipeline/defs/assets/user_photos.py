@@ -14,6 +14,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import table
 from plant_pipeline.defs.resources import PipelineStorage
 from plant_pipeline.ml import incoming
@@ -38,6 +39,7 @@ class UserPhotosConfig(Config):
     "sha256, copied to data/user_photos/ with a ledger and a manifest (source 'user'). Unknown categories and "
     "undecodable files are reported and left in place.",
 )
+@locked_output
 def user_photos(
     context: AssetExecutionContext, config: UserPhotosConfig, storage: PipelineStorage
 ) -> MaterializeResult:

@@ -1,0 +1,99 @@
+"""One writer per output: the core lock across processes, and two runs of the same asset through Dagster."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, materialize
+
+from plant_pipeline.defs.assets.flowers import category_map
+from plant_pipeline.defs.locks import LOCK_WAIT_ENV
+from plant_pipeline.defs.resources import PipelineStorage
+from plant_pipeline.ml.locking import OutputLockedError, output_lock
+
+REPO = Path(__file__).resolve().parents[1]
+# A child that takes the lock, says so, and holds it until killed (or for the given seconds).
+HOLDER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from plant_pipeline.ml.locking import output_lock
+with output_lock({path!r}, owner="the holder run"):
+    print("held", flush=True)
+    time.sleep({hold})
+"""
+
+
+def _start_holder(path: Path, hold: float) -> subprocess.Popen:
+    child = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO), path=str(path), hold=hold)],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child
+
+
+def test_a_second_writer_fails_after_its_wait_naming_the_holder(tmp_path):
+    lock = tmp_path / "locks" / "x.lock"
+    child = _start_holder(lock, hold=60)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OutputLockedError, match=r"asset x is being written by the holder run \(pid \d+"):
+            with output_lock(lock, owner="second", wait_s=0.6, poll_s=0.1, what="asset x"):
+                pytest.fail("the lock was taken twice")
+        assert time.monotonic() - started >= 0.6
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    lock = tmp_path / "x.lock"
+    child = _start_holder(lock, hold=60)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    with output_lock(lock, owner="next", wait_s=0):
+        assert json.loads(lock.read_text())["owner"] == "next"
+    assert lock.read_text() == "", "the holder's note is cleared on release"
+
+
+def test_a_waiting_writer_proceeds_when_the_holder_finishes(tmp_path):
+    lock = tmp_path / "x.lock"
+    child = _start_holder(lock, hold=0.5)
+    waits: list[str] = []
+    try:
+        with output_lock(lock, owner="second", wait_s=30, poll_s=0.05, on_wait=waits.append):
+            assert child.poll() is not None, "entered only after the holder let go"
+    finally:
+        child.wait()
+    assert len(waits) == 1 and "the holder run" in waits[0]
+
+
+def test_a_second_run_of_an_asset_waits_for_the_first_then_fails_with_a_clear_message(tmp_path, monkeypatch):
+    storage = PipelineStorage(data_dir=str(tmp_path))
+    lock = storage.path("locks", "category_map.lock")
+    instance = DagsterInstance.ephemeral()
+
+    # Held for longer than the wait: the run fails, names the holder, and leaves no output behind.
+    monkeypatch.setenv(LOCK_WAIT_ENV, "0.3")
+    with output_lock(lock, owner="run 1234 (category_map)"):
+        failed = materialize([category_map], resources={"storage": storage}, instance=instance, raise_on_error=False)
+    assert not failed.success
+    [error] = [e.event_specific_data.error for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    text = str(error.message) + "".join(str(c.message) for c in (error.cause, error.context) if c)
+    assert "asset category_map" in text and "being written by run 1234 (category_map)" in text, text
+    assert not (tmp_path / "category_map.json").exists()
+
+    # Released while the second run waits: it goes ahead, and its log says what it waited for.
+    monkeypatch.setenv(LOCK_WAIT_ENV, "30")
+    holder = output_lock(lock, owner="run 5678 (category_map)")
+    holder.__enter__()
+    threading.Timer(1.0, holder.__exit__, args=(None, None, None)).start()
+    done = materialize([category_map], resources={"storage": storage}, instance=instance)
+    assert done.success and (tmp_path / "category_map.json").is_file()
+    logs = [r.user_message for r in instance.all_logs(done.run_id)]
+    assert any("waiting for run 5678 (category_map)" in m for m in logs), logs
