@@ -22,7 +22,7 @@ from plant_pipeline.ml.streaming import StreamConfigError, make_stream
 from plant_pipeline.ml.train import TrainConfig
 from plant_pipeline.ml.train_cli import RunFile, RunFileError
 
-# Raised inside dagster's own Pipes code (1.13.28), not ours.
+# Raised inside dagster's own Pipes code (1.13), not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:AssetExecutionContext.run_id is deprecated:DeprecationWarning")
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3,
