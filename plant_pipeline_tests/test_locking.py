@@ -63,11 +63,14 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 def test_a_waiting_writer_proceeds_when_the_holder_finishes(tmp_path):
     lock = tmp_path / "x.lock"
-    child = _start_holder(lock, hold=0.5)
+    child = _start_holder(lock, hold=1.0)
     waits: list[str] = []
+    started = time.monotonic()
     try:
         with output_lock(lock, owner="second", wait_s=30, poll_s=0.05, on_wait=waits.append):
-            assert child.poll() is not None, "entered only after the holder let go"
+            # Entered only once the holder let go, about a second after it said "held".
+            assert time.monotonic() - started > 0.5
+            assert json.loads(lock.read_text())["owner"] == "second"
     finally:
         child.wait()
     assert len(waits) == 1 and "the holder run" in waits[0]
