@@ -107,6 +107,38 @@ def test_get_batch_samples_counts_answer_tokens_of_every_batch(spec, val_batch, 
     assert int(count) == 2 * int((val_batch["labels"][:, 1:] != -100).sum())
 
 
+def test_gradient_accumulation_weighs_every_answer_token_equally(spec, toy_shards, tiny_processor, tmp_path):
+    """One optimizer step over 8 samples: 2 micro-batches of 4 give the same update as 1 batch of 8.
+
+    The samples' answers differ in length, so averaging per micro-batch (the Trainer's default) would not.
+    """
+    from transformers import TrainingArguments
+
+    samples = list(make_stream(split_shard_paths(toy_shards, "train"), shuffle=False))[:8]
+    collate = memory_efficient_collate_fn(tiny_processor)
+    answers = [int((s.labels != -100).sum()) for s in samples]
+    assert len(set(answers[:4])) > 1 or sum(answers[:4]) != sum(answers[4:]), "the test needs uneven answers"
+
+    def one_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = spec.load_model()
+        args = TrainingArguments(tmp_path / f"b{batch_size}", report_to="none", use_cpu=True, max_steps=1,
+                                 per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                 optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+                                 save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                                 label_names=["labels"], dataloader_num_workers=0, seed=0)
+        stream = make_stream(split_shard_paths(toy_shards, "train"), shuffle=False, epochs=1)
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        CustomTrainer(model=model, args=args, data_collator=collate, train_dataset=stream).train()
+        # With plain SGD at learning rate 1 the change of each parameter is minus its gradient.
+        return {k: before[k] - v.detach() for k, v in model.named_parameters()}
+
+    whole, accumulated = one_step(8, 1), one_step(4, 2)
+    assert sum(float(g.abs().sum()) for g in whole.values()) > 0
+    differ = [k for k in whole if not torch.allclose(whole[k], accumulated[k], rtol=1e-4, atol=1e-7)]
+    assert not differ, f"gradients differ: {differ[:5]}"
+
+
 # ---- a LoRA run, shared by several tests ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
