@@ -754,6 +754,13 @@ def main() -> None:
         device = torch.device(args.device)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if device.type == "cpu" and not args.tiny and not args.device:
+        # The full shapes on a CPU would run for hours (case b is a 7B model): say so instead (make bench).
+        report.line("gpu_train: no CUDA GPU; nothing measured (--tiny checks the script on a CPU)")
+        report.update(skipped=["a", "b"], aborted=False, elapsed_s=time.monotonic() - T_START)
+        report.line(json.dumps(_json_safe(report.figures)))
+        sys.stdout.flush()
+        os._exit(0)
     cases = tiny_cases() if args.tiny else full_cases()
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(wanted) - {c.name for c in cases})
