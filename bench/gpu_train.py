@@ -506,6 +506,8 @@ def training_args(side: str, cfg, run: dict, out_dir: str, max_steps: int):
     evaluation and checkpointing, which are not throughput)."""
     from transformers import TrainingArguments
 
+    from plant_pipeline.ml.train import streaming_args
+
     cpu = run["device"].type == "cpu"
     shared = dict(
         output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -517,23 +519,9 @@ def training_args(side: str, cfg, run: dict, out_dir: str, max_steps: int):
     )
     if side == "plain":
         return TrainingArguments(**shared, optim=run["plain_optim"])
-    workers = run["workers"]
-    return TrainingArguments(
-        **shared,
-        optim=getattr(cfg, "optim", "adamw_torch_fused"),
-        torch_compile=bool(run["compile"] or getattr(cfg, "torch_compile", False)),
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_steps if cfg.warmup_steps > 0 else cfg.warmup_ratio,
-        dataloader_num_workers=workers,
-        dataloader_pin_memory=not cpu,
-        dataloader_prefetch_factor=cfg.dataloader_prefetch_factor if workers > 0 else None,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        accelerator_config={"dispatch_batches": False},
-        ddp_find_unused_parameters=False,
-        data_seed=cfg.seed,
-        ignore_data_skip=True,
-    )
+    # optim stays at transformers' default (the fused AdamW), as in train.py.
+    return TrainingArguments(**shared, torch_compile=run["compile"], ddp_find_unused_parameters=False,
+                             **streaming_args(cfg, run["device"], run["workers"]))
 
 
 def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float) -> SideResult:

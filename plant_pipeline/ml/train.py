@@ -615,6 +615,25 @@ def load_trained(model_path: str | Path, model_spec: ModelSpec, device: torch.de
 
 # ---- train ----------------------------------------------------------------------------------------
 
+def streaming_args(config: TrainConfig, device: torch.device, workers: int) -> dict[str, Any]:
+    """The TrainingArguments with which CustomTrainer streams shards (bench/gpu_train.py uses them too)."""
+    return dict(
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_steps if config.warmup_steps > 0 else config.warmup_ratio,
+        dataloader_num_workers=workers,
+        dataloader_pin_memory=device.type == "cuda",
+        dataloader_prefetch_factor=config.dataloader_prefetch_factor if workers > 0 else None,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        # Batches vary in length and each rank reads its own shards: no dispatching from rank 0.
+        accelerator_config={"dispatch_batches": False},
+        data_seed=config.seed,
+        # Resumed runs read a fresh shuffle (train's stream_seed): skipping would decode every sample seen before
+        # the checkpoint.
+        ignore_data_skip=True,
+    )
+
+
 def loader_workers(config: TrainConfig, device: torch.device) -> int:
     """``dataloader_num_workers``, with None resolved for ``device`` (see its help)."""
     if config.dataloader_num_workers is not None:
@@ -716,8 +735,6 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         per_device_eval_batch_size=config.per_device_eval_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type,
-        warmup_steps=config.warmup_steps if config.warmup_steps > 0 else config.warmup_ratio,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
@@ -732,19 +749,10 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         use_cpu=device.type == "cpu",
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        dataloader_num_workers=workers,
-        dataloader_pin_memory=device.type == "cuda",
-        dataloader_prefetch_factor=config.dataloader_prefetch_factor if workers > 0 else None,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        # Batches vary in length and each rank reads its own shards: no dispatching from rank 0.
-        accelerator_config={"dispatch_batches": False},
         # Parameters the loss never reaches (CLIP's unused last layer / pooler) exist only if the vision tower trains.
         ddp_find_unused_parameters=vision_trainable,
         seed=config.seed,
-        data_seed=config.seed,
-        # See the stream_seed comment: skipping would decode every sample seen before the checkpoint.
-        ignore_data_skip=True,
+        **streaming_args(config, device, workers),
     )
     memory = MemoryMonitor(args.device)
     progress = _make_progress_callback(on_log, memory, global_batch)
