@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import threading
 import urllib.parse
@@ -18,6 +19,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 _COPY_CHUNK = 64 * 1024
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import socket
 import tarfile
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from plant_pipeline.ml.download import (
     safe_extract_tgz,
 )
 from plant_pipeline.ml.flowers import build_manifest, summarize_manifest
-from plant_pipeline_tests.http_server import LoopbackServer
+from plant_pipeline_tests.http_server import LoopbackServer, free_port
 
 BLOB_SIZE = 300_000
 FAST = {"backoff_s": 0.01, "timeout_s": 10}
@@ -197,10 +196,7 @@ def test_client_error_fails_at_once_naming_url_and_status(tmp_path, site, server
 
 
 def test_connection_refused_is_retried_then_reported(tmp_path) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/blob.bin"
+    url = f"http://127.0.0.1:{free_port()}/blob.bin"
     with pytest.raises(DownloadError, match="3 times") as info:
         download_file(url, tmp_path / "blob.bin", None, retries=2, **FAST)
     assert url in str(info.value)
