@@ -29,7 +29,7 @@ def make_data(work: Path, shards: int) -> tuple[Path, Path]:
     from transformers import AutoProcessor
 
     from plant_pipeline.ml.tiny_model import build_tiny_llava
-    from plant_pipeline_tests.conftest import write_toy_shards
+    from plant_pipeline.ml.toy_shards import write_toy_shards
 
     model = build_tiny_llava(work / "tiny-random-llava")
     # 8 classes x 16 train samples in shards of 8: 16 train shards, enough for 2 ranks x 2 workers and more.
