@@ -8,12 +8,14 @@ checks the asset runs are in shard_checks.py.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import io
 import json
 import logging
 import math
+import mmap
 import multiprocessing
 import os
 import re
@@ -67,6 +69,7 @@ TAR_MODE = 0o444
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _TAR_END = 2 * _BLOCK  # two zero blocks close an archive
+_ZEROS = bytes(_BLOCK)
 # Errors PIL raises for files that are not (intact) images; anything else is a bug and stops the build.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -298,6 +301,7 @@ class _WorkerSpec:
     names: tuple[str, ...]
     pixel_shape: tuple[int, int, int]
     pil_geometry: bool  # _pil_geometry applies and matched the processor on the probes
+    tokens: dict[int, tuple[np.ndarray, np.ndarray]]  # (input_ids, labels) per class, encoded once per build
 
 
 def _load_processor(model_source: str, revision: str | None, local_files_only: bool):
@@ -371,18 +375,90 @@ def write_sample(file, sample: Sample) -> int:
         PIXELS: (_npy_header(pixels.shape, np.lib.format.dtype_to_descr(pixels.dtype)), memoryview(pixels).cast("B")),
         INPUT_IDS: (_npy_small(sample.input_ids.astype(np.int32, copy=False)),),
         LABELS: (_npy_small(sample.labels.astype(np.int32, copy=False)),),
-        META: (json.dumps(sample.meta, sort_keys=True).encode("utf-8"),),
+        META: (_meta_json(sample.meta),),
     }
     written = 0
+    small = bytearray()  # headers, padding and the small members, gathered so that a sample is ~3 writes
     for member in sorted(members):  # the member order webdataset's TarWriter uses
         parts = members[member]
         size = sum(len(part) for part in parts)
-        file.write(_tar_header(f"{sample.key}.{member}", size))
+        small += _tar_header(f"{sample.key}.{member}", size)
         for part in parts:
-            file.write(part)
-        file.write(b"\0" * (-size % _BLOCK))
-        written += _BLOCK + size + (-size % _BLOCK)
+            if len(part) > _BLOCK:
+                file.write(small)
+                file.write(part)
+                small.clear()
+            else:
+                small += part
+        small += _ZEROS[: -size % _BLOCK]
+        written += _member_bytes(size)
+    file.write(small)
     return written
+
+
+def _meta_json(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True).encode("utf-8")
+
+
+def _member_bytes(size: int) -> int:
+    """What a member of ``size`` bytes takes in the archive: its header and its data padded to whole blocks."""
+    return _BLOCK + size + (-size % _BLOCK)
+
+
+def sample_nbytes(pixel_shape: Sequence[int], input_ids: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> int:
+    """``len(tar_sample(sample))`` for a sample with these fields, computed without its pixels."""
+    pixels = len(_npy_header(tuple(pixel_shape), "|u1")) + math.prod(pixel_shape)
+    sizes = (pixels, len(_npy_small(input_ids.astype(np.int32, copy=False))),
+             len(_npy_small(labels.astype(np.int32, copy=False))), len(_meta_json(meta)))
+    return sum(map(_member_bytes, sizes))
+
+
+def _sample_meta(row: _Row, names: Sequence[str], sha256: str) -> dict[str, Any]:
+    return {"image_id": row.image_id, "label": row.label, "name": names[row.label], "split": row.split,
+            "source": row.source, "path": row.path, "sha256": sha256}
+
+
+class _Ring:
+    """Shared memory that workers write samples into and the parent writes shards from, one slot per task.
+
+    Sending ~350 kB per image through a pipe (pickled) or a temporary file cost the workers and the parent
+    about as much CPU as resizing it; a slot is written once by a worker and read once by the parent, with
+    no copy in between.
+    """
+
+    def __init__(self, slots: int, slot_bytes: int, context=None) -> None:
+        self.slots, self.slot_bytes = slots, slot_bytes
+        size = slots * slot_bytes
+        if context is None:  # the worker runs in this process
+            self.buffer = bytearray(size)
+        elif context.get_start_method() == "fork":
+            # Anonymous shared memory that forked workers inherit; its pages are zeroed as first touched,
+            # by the worker that writes them, instead of all up front here (0.1 s per 100 MB).
+            self.buffer = mmap.mmap(-1, size)
+        else:
+            # A spawned worker gets it with its initargs (multiprocessing backs it with /dev/shm, or with a
+            # temporary file where /dev/shm is too small, as in a default Docker container).
+            self.buffer = context.RawArray(ctypes.c_ubyte, size)
+
+    def slot(self, task: int) -> memoryview:
+        start = (task % self.slots) * self.slot_bytes
+        return memoryview(self.buffer).cast("B")[start:start + self.slot_bytes]
+
+
+class _SlotWriter:
+    """The ``write`` of a file, into one ring slot."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.position = view, 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        end = self.position + len(data)
+        if end > len(self.view):
+            raise ShardBuildError(f"a batch needs more than the {len(self.view)} bytes sized for it; this is a bug "
+                                  "in sample_nbytes (please report it)")
+        self.view[self.position:end] = data
+        self.position = end
+        return len(data)
 
 
 def tar_sample(sample: Sample) -> bytes:
@@ -395,19 +471,13 @@ def tar_sample(sample: Sample) -> bytes:
 class _Worker:
     """Turns manifest rows into tar members (or quarantine records); one per process."""
 
-    def __init__(self, spec: _WorkerSpec, processor=None) -> None:
-        self.spec = spec
+    def __init__(self, spec: _WorkerSpec, ring: _Ring, processor=None) -> None:
+        self.spec, self.ring = spec, ring
         self.processor = processor or _load_processor(spec.model_source, spec.revision, spec.local_files_only)
         self.image_processor = self.processor.image_processor
         fast = _pil_geometry(self.image_processor) if spec.pil_geometry else None
         self.resize_and_crop = fast or functools.partial(resize_and_crop, self.image_processor)
         self.root = Path(spec.dataset_root)
-        self._encoder: PromptEncoder | None = None
-
-    def encode(self, labels: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """(input_ids, labels) per class: the same for every image of a class, so encoded once per build."""
-        self._encoder = self._encoder or PromptEncoder(self.processor)
-        return {label: self._encoder.encode_category(self.spec.names[label]) for label in labels}
 
     def sample(self, row: _Row, tokens: tuple[np.ndarray, np.ndarray]) -> tuple[Sample | None, str | None, int]:
         """(sample, None, file bytes) or (None, reason, file bytes) for a per-image problem."""
@@ -430,10 +500,8 @@ class _Worker:
         except PixelFormatError as err:
             return None, f"processor rejected image: {err}", len(data)
         input_ids, labels = tokens
-        meta = {"image_id": row.image_id, "label": row.label, "name": self.spec.names[row.label],
-                "split": row.split, "source": row.source, "path": row.path,
-                "sha256": hashlib.sha256(data).hexdigest()}
-        sample = Sample(row.key, pixels, input_ids, labels, meta)
+        sample = Sample(row.key, pixels, input_ids, labels,
+                        _sample_meta(row, self.spec.names, hashlib.sha256(data).hexdigest()))
         try:
             # The token arrays passed validate_tokens in the parent; what varies per image is checked here.
             validate_key(sample.key)
@@ -442,22 +510,21 @@ class _Worker:
             return None, f"validation failed: {err}", len(data)
         return sample, None, len(data)
 
-    def process(self, rows: Sequence[_Row], chunk: str, tokens: dict) -> tuple[list[int | dict], int]:
-        """Write the batch's samples to the file ``chunk``; per row its size there or a quarantine record.
+    def process(self, rows: Sequence[_Row], task: int) -> tuple[list[int | dict], int]:
+        """Write the batch's samples one after another into the ring slot of ``task``.
 
-        Samples travel to the parent through the page cache rather than a pipe: pickling ~350 kB per
-        image and pushing it through 64 kB pipe buffers cost as much CPU as resizing the image.
+        Returns, per row, its size there or a quarantine record, and the source bytes read.
         """
         out: list[int | dict] = []
         total = 0
-        with open(chunk, "wb") as file:
-            for row in rows:
-                sample, reason, size = self.sample(row, tokens[row.label])
-                total += size
-                if sample is None:
-                    out.append({"image_id": row.image_id, "path": row.path, "split": row.split, "reason": reason})
-                else:
-                    out.append(write_sample(file, sample))
+        slot = _SlotWriter(self.ring.slot(task))
+        for row in rows:
+            sample, reason, size = self.sample(row, self.spec.tokens[row.label])
+            total += size
+            if sample is None:
+                out.append({"image_id": row.image_id, "path": row.path, "split": row.split, "reason": reason})
+            else:
+                out.append(write_sample(slot, sample))
         return out, total
 
 
@@ -466,7 +533,7 @@ _WORKER: _Worker | None = None
 _PARENT_PROCESSOR = None
 
 
-def _init_worker(spec: _WorkerSpec) -> None:
+def _init_worker(spec: _WorkerSpec, ring: _Ring) -> None:
     global _WORKER
     import torch
 
@@ -474,34 +541,35 @@ def _init_worker(spec: _WorkerSpec) -> None:
     # torch backend, whose ops in a forked child that enters the OpenMP pool its parent started hang
     # forever (GNU libgomp): one intra-op thread, as torch's own DataLoader workers do.
     torch.set_num_threads(1)
-    _WORKER = _Worker(spec, _PARENT_PROCESSOR)
+    _WORKER = _Worker(spec, ring, _PARENT_PROCESSOR)
 
 
-def _encode_task(labels: Sequence[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _process_task(rows: Sequence[_Row], task: int) -> tuple[list[int | dict], int]:
     assert _WORKER is not None, "worker not initialised"
-    return _WORKER.encode(labels)
-
-
-def _process_task(rows: Sequence[_Row], chunk: str, tokens: dict) -> tuple[list[int | dict], int]:
-    assert _WORKER is not None, "worker not initialised"
-    return _WORKER.process(rows, chunk, tokens)
+    return _WORKER.process(rows, task)
 
 
 class _Runner:
-    """Runs the worker functions in a process pool, or in this process when there is one worker."""
+    """Runs batches in a process pool, or in this process when there is one worker, and owns their ring."""
 
-    def __init__(self, workers: int, config: ShardConfig, spec: _WorkerSpec, processor) -> None:
+    def __init__(self, workers: int, config: ShardConfig, spec: _WorkerSpec, processor, slot_bytes: int,
+                 tasks: int) -> None:
         self.workers, self.config, self.spec, self.processor = workers, config, spec, processor
         self.executor: ProcessPoolExecutor | None = None
+        pool = workers > 1
+        self.window = 2 * workers + 1 if pool else 1  # tasks in flight: enough that no worker waits
+        # map() submits task i + window before its caller has written task i's slot out: one slot more.
+        slots = min(self.window + 1, tasks) if pool else 1
+        self.ring = _Ring(slots, slot_bytes, config.context() if pool else None)
 
     def __enter__(self) -> "_Runner":
         global _WORKER, _PARENT_PROCESSOR
         if self.workers <= 1:
-            _WORKER = _Worker(self.spec, self.processor)
+            _WORKER = _Worker(self.spec, self.ring, self.processor)
         else:
             _PARENT_PROCESSOR = self.processor  # inherited by fork; spawned workers load their own
             self.executor = ProcessPoolExecutor(self.workers, mp_context=self.config.context(),
-                                                initializer=_init_worker, initargs=(self.spec,))
+                                                initializer=_init_worker, initargs=(self.spec, self.ring))
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -513,12 +581,12 @@ class _Runner:
             _WORKER = None
         _PARENT_PROCESSOR = None
 
-    def map(self, fn: Callable, tasks: Iterable[tuple], window: int | None = None) -> Iterator:
-        """``fn(*task)`` for every task, results in task order, at most ``window`` tasks in flight."""
+    def map(self, fn: Callable, tasks: Iterable[tuple]) -> Iterator:
+        """``fn(*task)`` for every task, results in task order, at most ``self.window`` tasks in flight."""
         if self.executor is None:
             yield from (fn(*task) for task in tasks)
             return
-        window = window or 2 * self.workers + 1
+        window = self.window
         pending: deque = deque()
         tasks = iter(tasks)
         for task in tasks:
@@ -625,24 +693,18 @@ def _probe_pixel_shape(image_processor) -> tuple[int, int, int]:
     return shapes.pop()
 
 
-def _token_facts(processor) -> dict[str, int]:
-    encoder = PromptEncoder(processor)
+def _token_facts(encoder: PromptEncoder) -> dict[str, int]:
     return {"num_image_tokens": encoder.num_image_tokens, "image_token_id": int(encoder.image_token_id),
-            "vocab_size": len(processor.tokenizer)}
+            "vocab_size": len(encoder.processor.tokenizer)}
 
 
-def _encode_labels(runner: _Runner, labels: set[int], names: Sequence[str], facts: dict[str, int]) -> dict:
-    """Token ids of every class in the manifest, encoded across the workers and each checked once here.
+def _encode_labels(encoder: PromptEncoder, labels: set[int], names: Sequence[str], facts: dict[str, int]) -> dict:
+    """Token ids of every class in the manifest (about 1 ms each), each checked once here.
 
-    At 336 px one class takes 4-9 ms to encode (the processor expands the image tokens from a real image),
-    so encoding per worker and per class would cost each worker up to a second; a bad encoding is not an
-    image problem, so it stops the build.
+    They are the same for every image of a class, and their lengths size the ring, so they are encoded
+    before the workers start; a bad encoding is not an image problem, so it stops the build.
     """
-    ordered = sorted(labels)
-    groups = [ordered[i::runner.workers] for i in range(runner.workers) if ordered[i::runner.workers]]
-    tokens: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for part in runner.map(_encode_task, [(group,) for group in groups], window=len(groups)):
-        tokens.update(part)
+    tokens = {label: encoder.encode_category(names[label]) for label in sorted(labels)}
     for label, (input_ids, label_ids) in tokens.items():
         try:
             validate_tokens(f"class {label} ({names[label]})", input_ids, label_ids, **facts)
@@ -652,14 +714,19 @@ def _encode_labels(runner: _Runner, labels: set[int], names: Sequence[str], fact
     return tokens
 
 
+def _slot_bytes(rows: dict[str, list[_Row]], spec: _WorkerSpec, batch_size: int) -> int:
+    """Ring slot size: a batch of the largest sample (a SHA-256 hex digest is always 64 characters)."""
+    largest = max(sample_nbytes(spec.pixel_shape, *spec.tokens[row.label], _sample_meta(row, spec.names, "0" * 64))
+                  for split_rows in rows.values() for row in split_rows)
+    return batch_size * largest
+
+
 def _write_splits(
     rows: dict[str, list[_Row]],
     temp_dirs: dict[str, Path],
-    chunks: Path,
     spec: _WorkerSpec,
     config: ShardConfig,
     processor,
-    facts: dict[str, int],
     progress: Callable[[str, int, int], None] | None,
 ) -> tuple[dict[str, list[dict]], dict[str, list[dict]], int]:
     """Process every batch (in a pool, or here when one worker) and write the shards in manifest order."""
@@ -672,31 +739,22 @@ def _write_splits(
                 sum(map(len, rows.values())), {s: len(r) for s, r in rows.items()}, workers)
     quarantined: dict[str, list[dict]] = defaultdict(list)
     source_bytes = 0
-    buffer = bytearray(1 << 20)
     try:
-        with _Runner(workers, config, spec, processor) as runner:
-            tokens = _encode_labels(runner, {row.label for rs in rows.values() for row in rs}, spec.names, facts)
-            chunk_paths = [str(chunks / f"{i:06d}.bin") for i in range(len(batches))]
-            tasks = ((batch, chunk, {row.label: tokens[row.label] for row in batch})
-                     for (_, _, batch), chunk in zip(batches, chunk_paths))
+        slot_bytes = _slot_bytes(rows, spec, config.batch_size)
+        with _Runner(workers, config, spec, processor, slot_bytes, len(batches)) as runner:
+            tasks = ((batch, task) for task, (_, _, batch) in enumerate(batches))
             results = runner.map(_process_task, tasks)
-            for (split, start, batch), chunk, (items, read) in zip(batches, chunk_paths, results):
+            for task, ((split, start, batch), (items, read)) in enumerate(zip(batches, results)):
                 source_bytes += read
-                writer = writers[split]
-                with open(chunk, "rb") as file:
-                    for offset, item in enumerate(items):
-                        if isinstance(item, dict):
-                            quarantined[split].append(item)
-                            logger.warning("quarantined %s (%s): %s", item["path"], split, item["reason"])
-                            writer.add(start + offset, None)
-                            continue
-                        if item > len(buffer):
-                            buffer = bytearray(item)
-                        view = memoryview(buffer)[:item]
-                        if file.readinto(view) != item:
-                            raise ShardBuildError(f"{chunk} is shorter than its worker reported; was it modified?")
-                        writer.add(start + offset, view)
-                os.unlink(chunk)
+                writer, slot, offset = writers[split], runner.ring.slot(task), 0
+                for position, item in enumerate(items, start):
+                    if isinstance(item, dict):
+                        quarantined[split].append(item)
+                        logger.warning("quarantined %s (%s): %s", item["path"], split, item["reason"])
+                        writer.add(position, None)
+                        continue
+                    writer.add(position, slot[offset:offset + item])
+                    offset += item
                 if progress is not None:
                     progress(split, start + len(batch), len(rows[split]))
         return {split: writer.finish() for split, writer in writers.items()}, quarantined, source_bytes
@@ -755,29 +813,28 @@ def build_shards(
     from .pixels import PixelNormalizer  # torch is imported by transformers already
 
     validate_normalizer(PixelNormalizer.from_processor(processor.image_processor))
-    facts = _token_facts(processor)
+    encoder = PromptEncoder(processor)
+    facts = _token_facts(encoder)
+    tokens = _encode_labels(encoder, {row.label for split_rows in rows.values() for row in split_rows}, names, facts)
     fast = _pil_geometry(processor.image_processor) if config.pil_geometry else None
     pil_geometry = fast is not None and _check_pil_geometry(processor.image_processor, fast)
     spec = _WorkerSpec(
         dataset_root=str(dataset_root), model_source=str(model_source), revision=revision,
         local_files_only=local_files_only, names=tuple(names),
-        pixel_shape=_probe_pixel_shape(processor.image_processor), pil_geometry=pil_geometry,
+        pixel_shape=_probe_pixel_shape(processor.image_processor), pil_geometry=pil_geometry, tokens=tokens,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(out_dir)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     temp_dirs = {split: out_dir / f".tmp-{split}-{tag}" for split in rows}
-    chunks = out_dir / f".tmp-chunks-{tag}"
     done = False
     try:
-        for folder in [*temp_dirs.values(), chunks]:
+        for folder in temp_dirs.values():
             folder.mkdir()
-        shards, quarantined, source_bytes = _write_splits(rows, temp_dirs, chunks, spec, config, processor,
-                                                          facts, progress)
+        shards, quarantined, source_bytes = _write_splits(rows, temp_dirs, spec, config, processor, progress)
         done = True
     finally:
-        shutil.rmtree(chunks, ignore_errors=True)
         if not done:
             for folder in temp_dirs.values():
                 shutil.rmtree(folder, ignore_errors=True)
