@@ -246,6 +246,15 @@ def test_stored_members_are_exactly_the_formats_encoding(built):
     assert members == {f"{sample.key}.{field}": encoded[field] for field in FIELDS}
 
 
+def test_sample_size_is_known_before_its_pixels(built):
+    # The shared-memory slots the workers write into are sized from this, before any image is decoded.
+    for sample in _read_all(built.out_dir, "train"):
+        expected = len(S.tar_sample(sample))
+        assert S.sample_nbytes(sample.pixels.shape, sample.input_ids, sample.labels, sample.meta) == expected
+        longer = {**sample.meta, "path": sample.meta["path"] + "x" * 600}
+        assert S.sample_nbytes(sample.pixels.shape, sample.input_ids, sample.labels, longer) > expected
+
+
 def test_same_inputs_give_byte_identical_shards(built, flowers, tiny_model_dir, tmp_path):
     # In-process with another batch size vs the pool: the bytes must not depend on either.
     _build(flowers, tiny_model_dir, tmp_path / "again", num_workers=1, batch_size=5, min_shards=2)

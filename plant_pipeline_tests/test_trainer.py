@@ -353,6 +353,7 @@ def test_non_finite_loss_stops_before_saving(spec, toy_shards, tmp_path, monkeyp
     ({"use_lora": False, "merge_lora": True}, "merge_lora"),
     ({"dtype": "fp8"}, "dtype"),
     ({"lr_scheduler_type": "exponential"}, "lr_scheduler_type"),
+    ({"pad_to_multiple_of": 0}, "pad_to_multiple_of must be a positive integer"),
 ])
 def test_invalid_settings_are_rejected_when_made(kwargs, match):
     with pytest.raises(TrainConfigError, match=match):
@@ -370,3 +371,39 @@ def test_settings_that_do_not_fit_the_model_or_machine_fail_before_work(spec, to
         train(TrainConfig(max_steps=5, **{**FAST, **kwargs}), model_spec=spec, shards_dir=toy_shards,
               checkpoints_dir=tmp_path / "ck", output_dir=tmp_path / "model")
     assert not (tmp_path / "ck").exists() and not (tmp_path / "model").exists()
+
+
+# ---- compile_blocks ---------------------------------------------------------------------------------
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients(spec, val_batch):
+    from plant_pipeline.ml.regional_compile import compile_blocks
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        total, count, _ = labelled_token_loss(model, val_batch)
+        (total / count).backward()
+        return float(total / count), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    model = spec.load_model(device="cpu", dtype=torch.float32)
+    names_before = [name for name, _ in model.named_parameters()]
+    eager_loss, eager_grads = loss_and_grads(model)
+    config = model.config
+    layers = config.vision_config.num_hidden_layers + config.text_config.num_hidden_layers
+    # aot_eager runs dynamo and AOT autograd (the graph capture and the backward split) without generating C++.
+    assert compile_blocks(model, backend="aot_eager") == layers
+    compiled_loss, compiled_grads = loss_and_grads(model)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-6)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 0
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    # nn.Module.compile keeps the parameter names, so checkpoints and save_pretrained are unchanged
+    assert [name for name, _ in model.named_parameters()] == names_before
+
+
+def test_compile_blocks_pads_to_a_few_shapes_unless_told_otherwise():
+    assert TrainConfig().padding_multiple() is None
+    assert TrainConfig(compile_blocks=True).padding_multiple() == 64
+    assert TrainConfig(compile_blocks=True, pad_to_multiple_of=8).padding_multiple() == 8
+    assert TrainConfig(pad_to_multiple_of=16).padding_multiple() == 16

@@ -29,6 +29,7 @@ from torch import nn
 from .fileutil import atomic_write_text
 from .collate import memory_efficient_collate_fn
 from .model import ModelConfigError, ModelSpec, resolve_device, resolve_dtype
+from .regional_compile import COMPILE_PAD_MULTIPLE, compile_blocks
 from .shard_format import read_index, split_shard_paths
 from .streaming import check_readers, make_stream
 
@@ -80,6 +81,13 @@ class TrainConfig:
         "help": "Keep the language model fixed (full fine-tuning only; with LoRA its base weights are frozen anyway)."})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Recompute activations in the backward pass: less memory, about 30% more compute."})
+    compile_blocks: bool = field(default=False, metadata={
+        "help": "torch.compile each transformer block (compiled once, shared by every layer like it): fused "
+                "kernels for norms, activations and residual adds. CUDA or CPU, not MPS; the first step takes "
+                "about a minute longer. See bench/gpu_train.py for what it gains."})
+    pad_to_multiple_of: int | None = field(default=None, metadata={
+        "help": "Round each batch's sequence length up to a multiple of this; None = 64 with compile_blocks "
+                "(compiled blocks then see a few shapes instead of one per length), else no rounding."})
     dtype: str = field(default="auto", metadata={
         "help": "Compute precision: auto (bf16 where supported on a GPU, fp16 on older MPS, else fp32), float32, "
                 "bfloat16 or float16. Full fine-tuning keeps fp32 master weights and autocasts."})
@@ -91,10 +99,11 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata={"help": "Report loss, speed and ETA every this many steps."})
     dataloader_num_workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes per rank; None = auto: 0 on CUDA (pixels cross as uint8 and are "
-                "expanded on the GPU, so reading a batch in the training process hides behind the GPU's queued "
-                "work: 79 vs 48 samples/s with 2 workers on an H200, bench/gpu_train.py), 2 elsewhere. The train "
-                "split needs at least ranks x workers shards."})
-    dataloader_prefetch_factor: int = field(default=2, metadata={"help": "Batches each worker prepares ahead."})
+                "expanded on the GPU, and a thread in the training process reads the next batches during the step: "
+                "worker processes gave 48 instead of 79 samples/s on an H200, bench/gpu_train.py), 2 elsewhere. "
+                "The train split needs at least ranks x workers shards."})
+    dataloader_prefetch_factor: int = field(default=2, metadata={
+        "help": "Batches each worker prepares ahead (with 0 workers on CUDA: the read-ahead thread)."})
     shuffle_buffer: int = field(default=500, metadata={
         "help": "Samples held per worker for shuffling (memory: buffer x sample size)."})
     memory_cleanup_steps: int = field(default=50, metadata={
@@ -157,6 +166,14 @@ class TrainConfig:
             positive("save_total_limit")
         if self.max_eval_samples is not None:
             positive("max_eval_samples")
+        if self.pad_to_multiple_of is not None:
+            positive("pad_to_multiple_of")
+
+    def padding_multiple(self) -> int | None:
+        """The collator's ``pad_to_multiple_of`` (see that knob's help)."""
+        if self.pad_to_multiple_of is not None:
+            return self.pad_to_multiple_of
+        return COMPILE_PAD_MULTIPLE if self.compile_blocks else None
 
     # Settings that change what a checkpoint means: a resume is refused when one of these differs.
     RESUME_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
@@ -674,6 +691,9 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = _resolve_precision(config, device)
+    if config.compile_blocks and device.type == "mps":
+        raise TrainConfigError("compile_blocks needs CUDA or a CPU (torch.compile's MPS backend is experimental); "
+                               "set compile_blocks=False on this Mac")
     engine = sharded_engine()
     if engine and config.use_lora and config.merge_lora:
         raise TrainConfigError(
@@ -716,6 +736,9 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
     trainable_params, total_params = _count_params(model)
     if trainable_params == 0:
         raise TrainConfigError("no parameter would be trained; check the freeze_* settings")
+    if config.compile_blocks and compile_blocks(model) == 0:
+        logger.warning("compile_blocks: %s has no transformer blocks to compile; training uncompiled",
+                       type(model).__name__)
     vision_trainable = any(p.requires_grad for n, p in model.named_parameters() if "vision_tower" in n)
 
     # --- data ---
@@ -760,7 +783,8 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         model=model,
         args=args,
         # On a GPU the pixels cross the bus as uint8 and are expanded there: a quarter of the bytes.
-        data_collator=memory_efficient_collate_fn(processor, defer_pixel_normalization=device.type == "cuda"),
+        data_collator=memory_efficient_collate_fn(processor, defer_pixel_normalization=device.type == "cuda",
+                                                  pad_to_multiple_of=config.padding_multiple()),
         train_dataset=train_stream,
         eval_dataset=val_stream,
         callbacks=[progress],

@@ -26,6 +26,7 @@ from transformers import Trainer
 
 from .collate import LOGIT_POSITIONS, MODEL_INPUTS, SAMPLE_KEYS
 from .pixels import PixelNormalizer
+from .prefetch import PrefetchingDataLoader
 from .shard_format import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ class CustomTrainer(Trainer):
             params["persistent_workers"] = persistent
             if self.args.dataloader_multiprocessing_context:
                 params["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
+        elif self.args.device.type == "cuda":
+            # No worker processes: a thread reads ahead while the GPU runs the step (prefetch.py).
+            return PrefetchingDataLoader(dataset, prefetch_depth=self.args.dataloader_prefetch_factor or 2, **params)
         return DataLoader(dataset, **params)
 
     def get_train_dataloader(self) -> DataLoader:
