@@ -575,7 +575,8 @@ def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float)
                                                pad_to_multiple_of=cfg.padding_multiple(),
                                                defer_pixel_normalization=cuda)  # as train.py does
             trainer = CustomTrainer(model=model, args=args, data_collator=collator, train_dataset=stream,
-                                    callbacks=[clock], memory_cleanup_steps=cfg.memory_cleanup_steps)
+                                    callbacks=[clock], memory_cleanup_steps=cfg.memory_cleanup_steps,
+                                    read_ahead_batches=cfg.dataloader_prefetch_factor)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         if clock.t0 is not None and clock.train_begin is not None:

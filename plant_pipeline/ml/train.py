@@ -791,6 +791,7 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         memory_cleanup_steps=config.memory_cleanup_steps,
         max_eval_samples=config.max_eval_samples,
         eval_dataloader_num_workers=eval_workers,
+        read_ahead_batches=config.dataloader_prefetch_factor,
     )
     # Progress goes to on_log and this module's logger, not to stdout.
     trainer.remove_callback(PrinterCallback)

@@ -98,6 +98,8 @@ class CustomTrainer(Trainer):
       max_eval_samples: evaluate on at most this many validation samples (the first ones, in shard order).
       eval_dataloader_num_workers: workers for validation (default: dataloader_num_workers); the trainer
         caps nothing itself, so pass no more than the validation split has shards.
+      read_ahead_batches: with no DataLoader workers on CUDA, how many batches a thread reads ahead
+        (prefetch.py). TrainingArguments has no place for it: its prefetch factor requires workers.
 
     Data loaders are plain ``DataLoader`` objects, not passed through ``accelerator.prepare``: accelerate
     would wrap an IterableDataset in ``IterableDatasetShard`` and keep 1/world_size of each rank's batches,
@@ -107,13 +109,14 @@ class CustomTrainer(Trainer):
 
     def __init__(self, *args, memory_cleanup_steps: int = 0, max_eval_samples: int | None = None,
                  eval_dataloader_num_workers: int | None = None, pixel_normalizer: PixelNormalizer | None = None,
-                 **kwargs):
+                 read_ahead_batches: int = 2, **kwargs):
         super().__init__(*args, **kwargs)
         # Expands uint8 pixel_values on the device; taken from the collator when it has one.
         self.pixel_normalizer = pixel_normalizer or getattr(self.data_collator, "normalizer", None)
         self.memory_cleanup_steps = memory_cleanup_steps
         self.max_eval_samples = max_eval_samples
         self.eval_dataloader_num_workers = eval_dataloader_num_workers
+        self.read_ahead_batches = read_ahead_batches
         self._last_cleanup_step = -1
         # compute_loss normalises by num_items_in_batch itself: have the Trainer count answer tokens over the
         # whole accumulated batch (and across ranks) and not rescale the loss again.
@@ -135,7 +138,7 @@ class CustomTrainer(Trainer):
                 params["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
         elif self.args.device.type == "cuda":
             # No worker processes: a thread reads ahead while the GPU runs the step (prefetch.py).
-            return PrefetchingDataLoader(dataset, prefetch_depth=self.args.dataloader_prefetch_factor or 2, **params)
+            return PrefetchingDataLoader(dataset, prefetch_depth=self.read_ahead_batches, **params)
         return DataLoader(dataset, **params)
 
     def get_train_dataloader(self) -> DataLoader:
