@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from plant_pipeline.ml.categories import CATEGORY_NAMES
 from plant_pipeline.ml.model import ModelConfigError, ModelSpec, model_slug, resolve_device, resolve_dtype
 from plant_pipeline.ml.pixels import PixelFormatError, PixelNormalizer, resize_and_crop, to_rgb
 from plant_pipeline.ml.prompts import PromptEncoder
@@ -78,6 +79,31 @@ def test_prompt_encodings_differ_only_in_the_answer(tiny_processor):
     start = int(np.argmax(a_labels != IGNORE_INDEX))
     assert start == int(np.argmax(b_labels != IGNORE_INDEX))
     assert np.array_equal(a_ids[:start], b_ids[:start]) and not np.array_equal(a_ids, b_ids)
+
+
+def test_batched_category_encoding_equals_one_processor_call_each(tiny_processor):
+    names = list(CATEGORY_NAMES[:12]) + ["rose", "rose"]
+    encoder = PromptEncoder(tiny_processor)
+    processor_calls = []
+    ids_through_processor = encoder._ids
+    encoder._ids = lambda text: processor_calls.append(text) or ids_through_processor(text)
+    batched = encoder.encode_categories(names)
+    assert len(processor_calls) == 1, "the batch should need the processor only for its reference prompt"
+    one_by_one = PromptEncoder(tiny_processor)
+    assert len(batched) == len(names)
+    for name, (ids, labels) in zip(names, batched):
+        expected_ids, expected_labels = one_by_one.encode_category(name)
+        assert np.array_equal(ids, expected_ids) and np.array_equal(labels, expected_labels), name
+
+
+def test_batched_encoding_falls_back_to_the_processor_when_it_differs(tiny_processor, monkeypatch):
+    encoder = PromptEncoder(tiny_processor)
+    # A processor that expands its image placeholder some other way: the batch no longer matches it.
+    monkeypatch.setattr(encoder, "_tokenize_expanded", lambda texts: [np.zeros(3, np.int32) for _ in texts])
+    names = ["rose", "sunflower", "lotus"]
+    expected = [PromptEncoder(tiny_processor).encode_category(name) for name in names]
+    for (ids, labels), (expected_ids, expected_labels) in zip(encoder.encode_categories(names), expected):
+        assert np.array_equal(ids, expected_ids) and np.array_equal(labels, expected_labels)
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16"])

@@ -273,21 +273,6 @@ def test_spawned_workers_give_the_same_bytes(built, flowers, tiny_model_dir, tmp
     assert _tree_digest(spawned.out_dir) == _tree_digest(built.out_dir)
 
 
-def test_direct_pil_path_is_used_only_for_plain_pil_processors(tiny_processor):
-    from transformers.models.clip import CLIPImageProcessorPil
-
-    assert S._pil_geometry(tiny_processor.image_processor) is not None
-
-    class Custom(CLIPImageProcessorPil):
-        def resize(self, *args, **kwargs):  # a processor with its own resize must keep it
-            return super().resize(*args, **kwargs)
-
-    assert S._pil_geometry(Custom(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})) is None
-    assert S._pil_geometry(CLIPImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 90})) is None
-    fixed = CLIPImageProcessorPil(size={"height": 40, "width": 56}, do_center_crop=False)
-    assert S._check_pil_geometry(fixed, S._pil_geometry(fixed))
-
-
 @pytest.mark.parametrize("name,size", [("image_00001.pixels.npy", 338816), ("k.json", 0), ("a" * 99, 7),
                                        ("a" * 100, 1), ("é.json", 3)])
 def test_fast_tar_headers_equal_tarfiles(name, size):

