@@ -92,3 +92,27 @@ def test_channels_first_without_the_arrow_export(monkeypatch):
 def test_channels_first_refuses_other_modes():
     with pytest.raises(PixelFormatError, match="mode L"):
         rgb_to_channels_first(Image.new("L", (4, 4)))
+
+
+@pytest.mark.parametrize("arrow", [True, False])
+def test_channels_first_writes_into_a_given_array(arrow, monkeypatch):
+    image = _noise(40, 30)
+    if not arrow:
+        monkeypatch.setattr(pixels, "_packed_rgbx", lambda image: None)
+    backing = bytearray(3 * 30 * 40 + 7)  # as in build_shards: a region of a larger buffer, at an offset
+    out = np.frombuffer(backing, np.uint8, 3 * 30 * 40, 5).reshape(3, 30, 40)
+    assert rgb_to_channels_first(image, out) is out
+    assert np.array_equal(out, np.asarray(image).transpose(2, 0, 1))
+    assert backing[:5] == bytes(5) and backing[-2:] == bytes(2)
+
+
+def test_pixels_that_do_not_fit_the_given_array_are_refused():
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    direct = direct_resize_and_crop(processor)
+    image = _noise(90, 70)
+    out = np.zeros((3, 64, 64), np.uint8)
+    assert direct(image, out=out) is out and np.array_equal(out, direct(image))
+    with pytest.raises(PixelFormatError, match=r"shape \(3, 64, 64\) do not fit"):
+        direct(image, out=np.zeros((3, 64, 63), np.uint8))
+    with pytest.raises(PixelFormatError, match="do not fit"):
+        rgb_to_channels_first(image, np.zeros((3, 70, 90), np.float32))

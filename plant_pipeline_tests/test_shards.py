@@ -255,6 +255,19 @@ def test_sample_size_is_known_before_its_pixels(built):
         assert S.sample_nbytes(sample.pixels.shape, sample.input_ids, sample.labels, longer) > expected
 
 
+def test_tasks_cover_every_row_in_order_and_end_in_quarter_batches():
+    rows = {"train": list(range(200)), "validation": list(range(30)), "test": list(range(70))}
+    batches = S._batches(rows, 64, 2)
+    assert [(split, row) for split, _, batch in batches for row in batch] == \
+        [(split, row) for split, split_rows in rows.items() for row in split_rows]
+    assert all(batch == rows[split][start:start + len(batch)] for split, start, batch in batches)
+    assert max(len(batch) for _, _, batch in batches) == 64
+    # At least two full batches' worth of rows at the end go out 16 at a time; earlier ones stay whole.
+    tail = [len(batch) for _, _, batch in batches[-8:]]
+    assert max(tail) <= 16 and sum(len(batch) for _, _, batch in batches if len(batch) <= 16) >= 128
+    assert [len(batch) for _, _, batch in S._batches(rows, 64, 1)] == [64, 64, 64, 8, 30, 64, 6]
+
+
 def test_same_inputs_give_byte_identical_shards(built, flowers, tiny_model_dir, tmp_path):
     # In-process with another batch size vs the pool: the bytes must not depend on either.
     _build(flowers, tiny_model_dir, tmp_path / "again", num_workers=1, batch_size=5, min_shards=2)
@@ -318,15 +331,15 @@ def test_error_midway_leaves_previous_shards_untouched(flowers, tiny_model_dir, 
     out = tmp_path / "out"
     _build(flowers, tiny_model_dir, out, num_workers=1)
     before = _tree_digest(out)
-    original = S.write_sample
+    original = S._Worker.write_sample
 
-    def fail_on_validation(file, sample):
-        if sample.meta["split"] == "validation":
+    def fail_on_validation(worker, row, slot):
+        if row.split == "validation":
             raise RuntimeError("disk on fire")
-        return original(file, sample)
+        return original(worker, row, slot)
 
     # Patched before the pool forks, so the workers inherit it.
-    monkeypatch.setattr(S, "write_sample", fail_on_validation)
+    monkeypatch.setattr(S._Worker, "write_sample", fail_on_validation)
     with pytest.raises(RuntimeError, match="disk on fire"):
         _build(flowers, tiny_model_dir, out, num_workers=workers, start_method="fork", min_shards=3)
     assert _tree_digest(out) == before
@@ -353,14 +366,14 @@ def test_interrupt_midway_leaves_previous_shards_untouched(flowers, tiny_model_d
 @needs_fork
 def test_a_worker_that_dies_fails_the_build_cleanly(flowers, tiny_model_dir, tmp_path, monkeypatch):
     parent = os.getpid()
-    original = S.write_sample
+    original = S._Worker.write_sample
 
-    def die(file, sample):
-        if os.getpid() != parent and sample.key == "image_00004":
+    def die(worker, row, slot):
+        if os.getpid() != parent and row.key == "image_00004":
             os._exit(3)  # what the OOM killer looks like from the parent
-        return original(file, sample)
+        return original(worker, row, slot)
 
-    monkeypatch.setattr(S, "write_sample", die)
+    monkeypatch.setattr(S._Worker, "write_sample", die)
     with pytest.raises(ShardBuildError, match="worker process died"):
         _build(flowers, tiny_model_dir, tmp_path / "out", num_workers=2, start_method="fork")
     assert not list((tmp_path / "out").glob(".tmp-*"))
@@ -376,15 +389,15 @@ def test_forked_workers_run_torch_single_threaded(flowers, tiny_model_dir, tmp_p
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     (torch.rand(256, 256) @ torch.rand(256, 256)).sum()  # the parent's OpenMP pool is now live
-    original = S.write_sample
+    original = S._Worker.write_sample
 
-    def torch_in_worker(file, sample):
+    def torch_in_worker(worker, row, slot):
         if torch.get_num_threads() != 1:
             raise RuntimeError(f"worker runs torch with {torch.get_num_threads()} threads")
         torch.nn.functional.interpolate(torch.rand(1, 3, 40, 40), size=(20, 20), mode="bilinear")
-        return original(file, sample)
+        return original(worker, row, slot)
 
-    monkeypatch.setattr(S, "write_sample", torch_in_worker)
+    monkeypatch.setattr(S._Worker, "write_sample", torch_in_worker)
     try:
         result = _build(flowers, tiny_model_dir, tmp_path / "out", num_workers=2, start_method="fork")
     finally:

@@ -31,8 +31,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def rgb_to_channels_first(image: Image.Image) -> np.ndarray:
-    """An RGB image's pixels as uint8 [3, H, W].
+def rgb_to_channels_first(image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+    """An RGB image's pixels as uint8 [3, H, W], in ``out`` where given (e.g. a view of shared memory).
 
     Pillow keeps RGB as four bytes per pixel (R, G, B, pad). Where it can export that memory in place
     (its Arrow interface), each channel is one shift and narrowing cast of the pixels read as
@@ -41,10 +41,15 @@ def rgb_to_channels_first(image: Image.Image) -> np.ndarray:
     """
     if image.mode != "RGB":
         raise PixelFormatError(f"expected an RGB image; got mode {image.mode}")
+    shape = (3, image.height, image.width)
+    if out is not None and (out.shape != shape or out.dtype != np.uint8):
+        raise PixelFormatError(f"pixels of shape {shape} do not fit the {out.dtype} array of shape {out.shape} "
+                               "meant for them")
+    pixels = np.empty(shape, dtype=np.uint8) if out is None else out
     packed = _packed_rgbx(image)
     if packed is None:
-        return np.ascontiguousarray(np.asarray(image).transpose(2, 0, 1))
-    pixels = np.empty((3, image.height, image.width), dtype=np.uint8)
+        pixels[...] = np.asarray(image).transpose(2, 0, 1)
+        return pixels
     shifted = np.empty_like(packed)
     np.copyto(pixels[0], packed, casting="unsafe")  # uint32 -> uint8 keeps the low byte: R
     for channel in (1, 2):

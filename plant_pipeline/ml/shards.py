@@ -308,29 +308,32 @@ def write_sample(file, sample: Sample) -> int:
     a sample); test_shards checks the two stay identical.
     """
     pixels = np.ascontiguousarray(sample.pixels, dtype=np.uint8)
-    members = {
-        PIXELS: (_npy_header(pixels.shape, np.lib.format.dtype_to_descr(pixels.dtype)), memoryview(pixels).cast("B")),
-        INPUT_IDS: (_npy_small(sample.input_ids.astype(np.int32, copy=False)),),
-        LABELS: (_npy_small(sample.labels.astype(np.int32, copy=False)),),
-        META: (_meta_json(sample.meta),),
-    }
-    written = 0
-    small = bytearray()  # headers, padding and the small members, gathered so that a sample is ~3 writes
-    for member in sorted(members):  # the member order webdataset's TarWriter uses
-        parts = members[member]
-        size = sum(len(part) for part in parts)
-        small += _tar_header(f"{sample.key}.{member}", size)
-        for part in parts:
-            if len(part) > _BLOCK:
-                file.write(small)
-                file.write(part)
-                small.clear()
-            else:
-                small += part
-        small += _ZEROS[: -size % _BLOCK]
-        written += _member_bytes(size)
-    file.write(small)
-    return written
+    head, tail = _sample_frame(sample.key, pixels.shape, sample.input_ids, sample.labels, sample.meta)
+    file.write(head)
+    file.write(memoryview(pixels).cast("B"))
+    file.write(tail)
+    return len(head) + pixels.nbytes + len(tail)
+
+
+# The order webdataset's TarWriter writes members in. Pixels come last, so a sample's tar bytes are a
+# small head, the raw pixel bytes, and the pixel member's padding: workers write the pixels in between.
+_MEMBER_ORDER = sorted((INPUT_IDS, LABELS, META, PIXELS))
+assert _MEMBER_ORDER[-1] == PIXELS
+
+
+def _sample_frame(key: str, pixel_shape: Sequence[int], input_ids: np.ndarray, labels: np.ndarray,
+                  meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    """A uint8 sample's tar bytes before its raw pixel data and after it."""
+    small = {INPUT_IDS: _npy_small(input_ids.astype(np.int32, copy=False)),
+             LABELS: _npy_small(labels.astype(np.int32, copy=False)), META: _meta_json(meta)}
+    head = bytearray()
+    for member in _MEMBER_ORDER[:-1]:
+        data = small[member]
+        head += _tar_header(f"{key}.{member}", len(data)) + data + _ZEROS[: -len(data) % _BLOCK]
+    pixel_header = _npy_header(tuple(pixel_shape), "|u1")
+    pixel_size = len(pixel_header) + math.prod(pixel_shape)
+    head += _tar_header(f"{key}.{PIXELS}", pixel_size) + pixel_header
+    return bytes(head), _ZEROS[: -pixel_size % _BLOCK]
 
 
 def _meta_json(meta: dict[str, Any]) -> bytes:
@@ -344,10 +347,8 @@ def _member_bytes(size: int) -> int:
 
 def sample_nbytes(pixel_shape: Sequence[int], input_ids: np.ndarray, labels: np.ndarray, meta: dict[str, Any]) -> int:
     """``len(tar_sample(sample))`` for a sample with these fields, computed without its pixels."""
-    pixels = len(_npy_header(tuple(pixel_shape), "|u1")) + math.prod(pixel_shape)
-    sizes = (pixels, len(_npy_small(input_ids.astype(np.int32, copy=False))),
-             len(_npy_small(labels.astype(np.int32, copy=False))), len(_meta_json(meta)))
-    return sum(map(_member_bytes, sizes))
+    head, tail = _sample_frame("k", pixel_shape, input_ids, labels, meta)  # headers are 512 B whatever the key
+    return len(head) + math.prod(pixel_shape) + len(tail)
 
 
 def _sample_meta(row: _Row, names: Sequence[str], sha256: str) -> dict[str, Any]:
@@ -383,19 +384,25 @@ class _Ring:
 
 
 class _SlotWriter:
-    """The ``write`` of a file, into one ring slot."""
+    """The ``write`` of a file, into one ring slot; or ``reserve`` a region, fill it, and ``commit`` it."""
 
     def __init__(self, view: memoryview) -> None:
         self.view, self.position = view, 0
 
-    def write(self, data: bytes | memoryview) -> int:
-        end = self.position + len(data)
+    def reserve(self, size: int) -> memoryview:
+        end = self.position + size
         if end > len(self.view):
             raise ShardBuildError(f"a batch needs more than the {len(self.view)} bytes sized for it; this is a bug "
                                   "in sample_nbytes (please report it)")
-        self.view[self.position:end] = data
-        self.position = end
-        return len(data)
+        return self.view[self.position:end]
+
+    def commit(self, size: int) -> int:
+        self.position += size
+        return size
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.reserve(len(data))[:] = data
+        return self.commit(len(data))
 
 
 def tar_sample(sample: Sample) -> bytes:
@@ -412,40 +419,60 @@ class _Worker:
         self.spec, self.ring = spec, ring
         self.processor = processor or _load_processor(spec.model_source, spec.revision, spec.local_files_only)
         self.image_processor = self.processor.image_processor
-        fast = direct_resize_and_crop(self.image_processor) if spec.pil_geometry else None
-        self.resize_and_crop = fast or functools.partial(resize_and_crop, self.image_processor)
+        self.direct = direct_resize_and_crop(self.image_processor) if spec.pil_geometry else None
         self.root = Path(spec.dataset_root)
+        self.pixel_bytes = math.prod(spec.pixel_shape)
 
-    def sample(self, row: _Row, tokens: tuple[np.ndarray, np.ndarray]) -> tuple[Sample | None, str | None, int]:
-        """(sample, None, file bytes) or (None, reason, file bytes) for a per-image problem."""
+    def decode(self, row: _Row) -> tuple[bytes, Image.Image | None, str | None]:
+        """(file bytes, RGB image, None), or (file bytes, None, reason) for a per-image problem."""
         try:
             data = (self.root / row.path).read_bytes()
         except FileNotFoundError:
-            return None, "missing file", 0
+            return b"", None, "missing file"
         except OSError as err:
-            return None, f"unreadable file: {err.strerror or err}", 0
+            return b"", None, f"unreadable file: {err.strerror or err}"
         try:
             with Image.open(io.BytesIO(data)) as image:
                 rgb = to_rgb(image)  # greyscale, CMYK, palette: converted, not quarantined
                 rgb.load()
         except UnidentifiedImageError:
-            return None, "not a recognised image format", len(data)
+            return data, None, "not a recognised image format"
         except _DECODE_ERRORS as err:
-            return None, f"cannot decode image: {type(err).__name__}: {err}", len(data)
+            return data, None, f"cannot decode image: {type(err).__name__}: {err}"
+        return data, rgb, None
+
+    def pixels_into(self, key: str, rgb: Image.Image, out: np.ndarray) -> None:
+        """The processor's resize and crop of ``rgb``, checked, written into ``out``."""
+        if self.direct is not None:
+            self.direct(rgb, out=out)  # refuses an image whose pixels do not have out's shape
+            return
+        pixels = resize_and_crop(self.image_processor, rgb)
+        validate_pixels(key, pixels, self.spec.pixel_shape)
+        out[...] = pixels
+
+    def write_sample(self, row: _Row, slot: _SlotWriter) -> tuple[int, str | None, int]:
+        """Append ``row``'s sample to ``slot``: (its size, None, file bytes), or (0, reason, file bytes).
+
+        The pixels go straight into their place in the slot, between the tar bytes before and after them.
+        """
+        data, rgb, reason = self.decode(row)
+        if rgb is None:
+            return 0, reason, len(data)
+        input_ids, labels = self.spec.tokens[row.label]  # they passed validate_tokens in the parent
+        meta = _sample_meta(row, self.spec.names, hashlib.sha256(data).hexdigest())
+        head, tail = _sample_frame(row.key, self.spec.pixel_shape, input_ids, labels, meta)
+        region = slot.reserve(len(head) + self.pixel_bytes + len(tail))
+        pixels = np.frombuffer(region, np.uint8, self.pixel_bytes, len(head)).reshape(self.spec.pixel_shape)
         try:
-            pixels = self.resize_and_crop(rgb)
+            validate_key(row.key)
+            self.pixels_into(row.key, rgb, pixels)
         except PixelFormatError as err:
-            return None, f"processor rejected image: {err}", len(data)
-        input_ids, labels = tokens
-        sample = Sample(row.key, pixels, input_ids, labels,
-                        _sample_meta(row, self.spec.names, hashlib.sha256(data).hexdigest()))
-        try:
-            # The token arrays passed validate_tokens in the parent; what varies per image is checked here.
-            validate_key(sample.key)
-            validate_pixels(sample.key, sample.pixels, self.spec.pixel_shape)
+            return 0, f"processor rejected image: {err}", len(data)
         except SampleValidationError as err:
-            return None, f"validation failed: {err}", len(data)
-        return sample, None, len(data)
+            return 0, f"validation failed: {err}", len(data)
+        region[:len(head)] = head
+        region[len(head) + self.pixel_bytes:] = tail
+        return slot.commit(len(region)), None, len(data)
 
     def process(self, rows: Sequence[_Row], task: int) -> tuple[list[int | dict], int]:
         """Write the batch's samples one after another into the ring slot of ``task``.
@@ -456,12 +483,12 @@ class _Worker:
         total = 0
         slot = _SlotWriter(self.ring.slot(task))
         for row in rows:
-            sample, reason, size = self.sample(row, self.spec.tokens[row.label])
-            total += size
-            if sample is None:
+            size, reason, read = self.write_sample(row, slot)
+            total += read
+            if reason is not None:
                 out.append({"image_id": row.image_id, "path": row.path, "split": row.split, "reason": reason})
             else:
-                out.append(write_sample(slot, sample))
+                out.append(size)
         return out, total
 
 
@@ -654,9 +681,30 @@ def _encode_labels(encoder: PromptEncoder, labels: set[int], names: Sequence[str
 
 def _slot_bytes(rows: dict[str, list[_Row]], spec: _WorkerSpec, batch_size: int) -> int:
     """Ring slot size: a batch of the largest sample (a SHA-256 hex digest is always 64 characters)."""
-    largest = max(sample_nbytes(spec.pixel_shape, *spec.tokens[row.label], _sample_meta(row, spec.names, "0" * 64))
+    # sample_nbytes in two parts, the class's (pixels and tokens) and the row's (its metadata member):
+    # one sample_nbytes per class instead of per row.
+    no_meta = _member_bytes(len(_meta_json({})))
+    per_class = {label: sample_nbytes(spec.pixel_shape, input_ids, labels, {}) - no_meta
+                 for label, (input_ids, labels) in spec.tokens.items()}
+    largest = max(per_class[row.label] + _member_bytes(len(_meta_json(_sample_meta(row, spec.names, "0" * 64))))
                   for split_rows in rows.values() for row in split_rows)
     return batch_size * largest
+
+
+def _batches(rows: dict[str, list[_Row]], batch_size: int, workers: int) -> list[tuple[str, int, list[_Row]]]:
+    """(split, first position, rows) of every task, in manifest order.
+
+    The last ``workers`` batches' worth of rows go out in quarter batches, so that the workers finish
+    within a quarter batch of each other instead of one idling through the other's last full batch.
+    """
+    batches = [(split, start, split_rows[start:start + batch_size])
+               for split, split_rows in rows.items() for start in range(0, len(split_rows), batch_size)]
+    small, tail, tail_rows = max(1, batch_size // 4), [], 0
+    while batches and workers > 1 and tail_rows < workers * batch_size:
+        split, start, batch = batches.pop()
+        tail[:0] = [(split, start + i, batch[i:i + small]) for i in range(0, len(batch), small)]
+        tail_rows += len(batch)
+    return batches + tail
 
 
 def _write_splits(
@@ -670,8 +718,7 @@ def _write_splits(
     """Process every batch (in a pool, or here when one worker) and write the shards in manifest order."""
     writers = {split: _SplitWriter(temp_dirs[split], split, _shard_bounds(len(split_rows), config),
                                    config.max_shard_bytes) for split, split_rows in rows.items()}
-    batches = [(split, start, split_rows[start:start + config.batch_size])
-               for split, split_rows in rows.items() for start in range(0, len(split_rows), config.batch_size)]
+    batches = _batches(rows, config.batch_size, config.workers())
     workers = min(config.workers(), len(batches))
     logger.info("building shards for %d images (%s) with %d worker(s)",
                 sum(map(len, rows.values())), {s: len(r) for s, r in rows.items()}, workers)
