@@ -1,9 +1,10 @@
 """Preprocess the flower manifest into WebDataset shards once, so training never decodes a JPEG.
 
-A process pool decodes, resizes and crops every image with the model's own processor and encodes the
-prompt; the parent writes byte-identical tar shards in manifest order, split by split, swaps them into
-place only when every split is complete, and writes ``index.json`` last. Reading shards back and the
-checks the asset runs are in shard_checks.py.
+The parent encodes each class's prompt once with the model's processor. A process pool decodes, resizes
+and crops every image exactly as that processor does (pil_geometry.py) and writes each sample's tar bytes
+into shared memory; the parent writes them out as byte-identical tar shards in manifest order, split by
+split, swaps them into place only when every split is complete, and writes ``index.json`` last. Reading
+shards back and the checks the asset runs are in shard_checks.py.
 """
 
 from __future__ import annotations
