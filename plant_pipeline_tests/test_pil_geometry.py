@@ -116,3 +116,15 @@ def test_pixels_that_do_not_fit_the_given_array_are_refused():
         direct(image, out=np.zeros((3, 64, 63), np.uint8))
     with pytest.raises(PixelFormatError, match="do not fit"):
         rgb_to_channels_first(image, np.zeros((3, 70, 90), np.float32))
+
+
+def test_a_crop_larger_than_the_resize_goes_through_the_processor_into_out():
+    # The processor pads there; the direct path hands the image to it and copies the result into out.
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 64, "width": 64})
+    direct = direct_resize_and_crop(processor)
+    image = _noise(90, 70)
+    out = np.zeros((3, 64, 64), np.uint8)
+    assert direct(image, out=out) is out
+    assert np.array_equal(out, resize_and_crop(processor, image))
+    with pytest.raises(PixelFormatError, match="do not fit"):
+        direct(image, out=np.zeros((3, 48, 48), np.uint8))

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from .pixels import PixelFormatError, resize_and_crop, rgb_to_channels_first
+from .pixels import copy_into, resize_and_crop, rgb_to_channels_first
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +59,7 @@ def direct_resize_and_crop(image_processor) -> Callable[..., np.ndarray] | None:
         top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
         if top < 0 or left < 0:  # the processor pads here; let it
             pixels = resize_and_crop(image_processor, image)
-            if out is None:
-                return pixels
-            if out.shape != pixels.shape:
-                raise PixelFormatError(f"pixels of shape {pixels.shape} do not fit the array of shape {out.shape} "
-                                       "meant for them")
-            out[...] = pixels
-            return out
+            return pixels if out is None else copy_into(out, pixels)
         if _resizes_width_first(width, height, new_w, new_h):
             # PIL resizes in two passes through a uint8 image: here the width, then the height. Running
             # them one at a time and cropping away the columns between them gives the same bytes with a

@@ -36,15 +36,14 @@ def rgb_to_channels_first(image: Image.Image, out: np.ndarray | None = None) -> 
 
     Pillow keeps RGB as four bytes per pixel (R, G, B, pad). Where it can export that memory in place
     (its Arrow interface), each channel is one shift and narrowing cast of the pixels read as
-    little-endian uint32: about 0.15 ms for 336x336, against 0.3 ms for ``np.asarray`` (which copies
-    through ``tobytes``) or for splitting the bands.
+    little-endian uint32: 86 us for 336x336, against 132 us for splitting the bands and 164 us for a
+    transposed ``np.asarray`` (which copies through ``tobytes``).
     """
     if image.mode != "RGB":
         raise PixelFormatError(f"expected an RGB image; got mode {image.mode}")
     shape = (3, image.height, image.width)
-    if out is not None and (out.shape != shape or out.dtype != np.uint8):
-        raise PixelFormatError(f"pixels of shape {shape} do not fit the {out.dtype} array of shape {out.shape} "
-                               "meant for them")
+    if out is not None:
+        _check_fits(shape, out)
     pixels = np.empty(shape, dtype=np.uint8) if out is None else out
     packed = _packed_rgbx(image)
     if packed is None:
@@ -56,6 +55,19 @@ def rgb_to_channels_first(image: Image.Image, out: np.ndarray | None = None) -> 
         np.right_shift(packed, 8 * channel, out=shifted)
         np.copyto(pixels[channel], shifted, casting="unsafe")
     return pixels
+
+
+def copy_into(out: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` written into ``out``, which must be a uint8 array of the same shape; returns ``out``."""
+    _check_fits(pixels.shape, out)
+    out[...] = pixels
+    return out
+
+
+def _check_fits(shape: tuple[int, ...], out: np.ndarray) -> None:
+    if out.shape != tuple(shape) or out.dtype != np.uint8:
+        raise PixelFormatError(f"pixels of shape {tuple(shape)} do not fit the {out.dtype} array of shape "
+                               f"{out.shape} meant for them")
 
 
 def _packed_rgbx(image: Image.Image) -> np.ndarray | None:
