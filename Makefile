@@ -5,8 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
-HOST ?= 127.0.0.1
-PORT ?= 3000
+# The UI's address: names of the project's own, since shells export HOST (the machine's name) and some PORT.
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 3000
+# make demo's run config: config/demo.yaml plus an overlay that points oxford_flowers at $(DATA_DIR)'s release.
+DEMO_RELEASE := $(abspath $(DATA_DIR)/demo_release)
+DEMO_OVERLAY := $(abspath $(DATA_DIR)/demo_run.yaml)
 export DAGSTER_HOME ?= $(abspath $(DATA_DIR)/dagster_home)
 export PLANT_PIPELINE_DATA_DIR ?= $(DATA_DIR)
 # Real photos for the tests that need them (skipped where absent); .ci/run sets this too.
@@ -28,18 +32,24 @@ $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp config/dagster.yaml $@
 
+# JSON is YAML: json.dumps quotes any path; dagster merges the -c files in order, the later winning.
+$(DEMO_OVERLAY): config/demo.yaml
+	mkdir -p $(dir $@)
+	$(PYTHON) -c 'import json, sys; print(json.dumps({"ops": {"oxford_flowers": {"config": {"local_dir": sys.argv[1]}}}}))' \
+		'$(DEMO_RELEASE)' > $@.tmp && mv $@.tmp $@
+
 # The whole asset graph on synthetic flowers and the tiny model, offline.
-demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(PY) -m plant_pipeline.ml.demo_data $(DATA_DIR)/demo_release --train-per-class 20
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml $(DEMO_OVERLAY)
+	$(PY) -m plant_pipeline.ml.demo_data $(DEMO_RELEASE) --train-per-class 20
 	PLANT_PIPELINE_MODEL=tiny-random-llava $(VENV)/bin/dagster asset materialize \
-		-m plant_pipeline.definitions --select '*' -c config/demo.yaml
+		-m plant_pipeline.definitions --select '*' -c config/demo.yaml -c $(DEMO_OVERLAY)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The UI on http://$(HOST):$(PORT). SIGINT semantics so Ctrl-C / kill -TERM stop every child process.
+# The UI on http://$(UI_HOST):$(UI_PORT). SIGINT semantics so Ctrl-C / kill -TERM stop every child process.
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	env --default-signal=INT $(VENV)/bin/dagster dev -w workspace.yaml -h $(HOST) -p $(PORT)
+	env --default-signal=INT $(VENV)/bin/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 # Each benchmark prints one table and a final JSON line; gpu_train.py needs a CUDA GPU, real_photos.py and
 # preprocess.py the shared datasets. A failure is reported and the rest still run.
