@@ -323,6 +323,65 @@ def test_preview_grid_is_a_png_with_one_tile_per_sample(built):
         preview_grid(built.out_dir, "holdout")
 
 
+# --- 16-bit and turned photos ---------------------------------------------------------------------------
+
+
+def _jpeg_turned(image: Image.Image, orientation: int) -> bytes:
+    """A JPEG whose EXIF says the camera was turned (a phone photo), pixels stored as the sensor saw them."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+RAMP16 = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * 65535 // (64 * 64 - 1)).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def odd_photos(tmp_path_factory, tiny_model_dir):
+    """A 16-bit greyscale PNG ramp (64x64: no resize) and a 96x64 JPEG, left red and right blue, tagged
+    orientation 6 (upright it is 64x96, red on top)."""
+    root = tmp_path_factory.mktemp("odd")
+    sideways = np.zeros((64, 96, 3), dtype=np.uint8)
+    sideways[:, :48, 0] = 255
+    sideways[:, 48:, 2] = 255
+    (root / "ramp16.png").write_bytes(_png(Image.fromarray(RAMP16)))
+    (root / "phone.jpg").write_bytes(_jpeg_turned(Image.fromarray(sideways), 6))
+    manifest = pd.DataFrame({"image_id": [1, 2], "path": ["ramp16.png", "phone.jpg"], "label": [0, 1],
+                             "split": ["train", "train"], "source": "oxford_flowers"})
+    out = tmp_path_factory.mktemp("odd_shards")
+    result = build_shards(manifest, root, str(tiny_model_dir), out, config=ShardConfig(num_workers=1), names=NAMES)
+    return root, manifest, result
+
+
+def test_16_bit_png_is_stored_scaled_not_white(odd_photos):
+    _, _, result = odd_photos
+    assert result.quarantined == []
+    pixels = {s.meta["path"]: s.pixels for s in _read_all(result.out_dir, "train")}["ramp16.png"]
+    assert (pixels == 255).mean() < 0.01  # clipping stored 99.6% white
+    expected = ((RAMP16.astype(np.int64) + 128) // 257).astype(np.uint8)  # value / 257, rounded
+    assert all(np.array_equal(pixels[c], expected) for c in range(3))
+
+
+def test_phone_photo_is_stored_upright(odd_photos):
+    _, _, result = odd_photos
+    pixels = {s.meta["path"]: s.pixels for s in _read_all(result.out_dir, "train")}["phone.jpg"].astype(int)
+    # Upright 64x96, centre-cropped to 64x64: red in the top half, blue in the bottom half (sideways it
+    # would be red on the left and blue on the right).
+    assert pixels[0, :24].mean() > 200 and pixels[2, :24].mean() < 50
+    assert pixels[2, -24:].mean() > 200 and pixels[0, -24:].mean() < 50
+
+
+def test_odd_photos_match_the_processor_on_the_upright_image(odd_photos, tiny_model_dir, tmp_path):
+    root, manifest, result = odd_photos
+    outcome = check_exactness(result.out_dir, root, str(tiny_model_dir), sample_size=2)
+    assert outcome.passed and outcome.metadata["samples_checked"] == 2, outcome.description
+    slow = build_shards(manifest, root, str(tiny_model_dir), tmp_path / "slow", names=NAMES,
+                        config=ShardConfig(num_workers=1, pil_geometry=False))
+    assert _tree_digest(slow.out_dir) == _tree_digest(result.out_dir)
+
+
 # --- failures midway leave the previous shards alone ---------------------------------------------------
 
 
