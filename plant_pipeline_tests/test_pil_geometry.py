@@ -35,6 +35,27 @@ def test_direct_path_gives_the_processors_bytes(size):
         assert np.array_equal(got, expected), f"{width}x{height} -> {size}: {int((got != expected).sum())} bytes differ"
 
 
+def _turned_jpeg(width: int, height: int, orientation: int) -> Image.Image:
+    import io
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    _noise(width, height, seed=orientation).save(buffer, format="JPEG", quality=90, exif=exif.tobytes())
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_direct_path_gives_the_processors_bytes_for_a_turned_photo(orientation):
+    # build_shards hands both paths to_rgb's upright image; the processor's path converts it again, which
+    # must not turn it a second time.
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    with _turned_jpeg(120, 80, orientation) as image:
+        upright = pixels.to_rgb(image)
+    assert upright.size == ((80, 120) if orientation in (6, 8) else (120, 80))
+    assert np.array_equal(direct_resize_and_crop(processor)(upright), resize_and_crop(processor, upright))
+
+
 @pytest.mark.parametrize("width,height", SIZES)
 def test_width_first_two_passes_are_pils_one_call(width, height):
     # The direct path relies on this: where _resizes_width_first says so, PIL's one-call resize is the
