@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -421,3 +422,73 @@ def test_mini_from_local_dir_gives_the_same_files(shared_datasets: Path, tmp_pat
     sums = parse_md5sums((mini / "md5sums").read_text())
     result = fetch_release(tmp_path, local_dir=mini, md5=sums)
     assert result.checksums == sums and result.source == mini.resolve().as_uri()
+
+
+# -- a mirror that publishes a new release (md5: {} reads its md5sums) ----------------------------
+@pytest.fixture(scope="module")
+def two_releases(tmp_path_factory) -> tuple[Path, Path]:
+    """Release folders A and B with md5sums: B's 102flowers.tgz holds other pixels for image 1; same .mat files."""
+    from plant_pipeline.ml.demo_data import make_demo_release
+
+    first = make_demo_release(tmp_path_factory.mktemp("release_a"), train_per_class=1, validation_per_class=1,
+                              test_per_class=1, image_size=32).out_dir
+    second = tmp_path_factory.mktemp("release_b")
+    with tarfile.open(first / "102flowers.tgz", "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isreg() else None) for m in tar.getmembers()]
+    image_2 = next(data for m, data in members if m.name == "jpg/image_00002.jpg")
+    members = [_file(m.name, image_2) if m.name == "jpg/image_00001.jpg" else (m, data) for m, data in members]
+    _make_tgz(second / "102flowers.tgz", members)
+    for name in ("imagelabels.mat", "setid.mat"):
+        shutil.copyfile(first / name, second / name)
+    (second / "md5sums").write_text("".join(f"{md5sum(second / n)}  {n}\n" for n in RELEASE_FILES))
+    return first, second
+
+
+def _publish(release: Path, mirror: Path) -> None:
+    for name in (*RELEASE_FILES, "md5sums"):
+        shutil.copyfile(release / name, mirror / name)
+
+
+def _member_bytes(archive: Path, name: str) -> bytes:
+    with tarfile.open(archive, "r:gz") as tar:
+        return tar.extractfile(name).read()
+
+
+def test_mirror_publishing_a_new_release_is_fetched_and_extracted_on_the_next_run(tmp_path, two_releases) -> None:
+    from dagster import materialize
+
+    from plant_pipeline.defs.assets.flowers import oxford_flowers
+    from plant_pipeline.defs.resources import PipelineStorage
+
+    first, second = two_releases
+    sums = {release: parse_md5sums((release / "md5sums").read_text()) for release in two_releases}
+    assert sums[first]["102flowers.tgz"] != sums[second]["102flowers.tgz"]
+    mirror, data = tmp_path / "mirror", tmp_path / "data"
+    mirror.mkdir()
+    image = "jpg/image_00001.jpg"
+
+    def run(url: str):
+        result = materialize(
+            [oxford_flowers], resources={"storage": PipelineStorage(data_dir=str(data))},
+            run_config={"ops": {"oxford_flowers": {"config": {"base_url": url, "md5": {}}}}},
+        )
+        [event] = result.get_asset_materialization_events()
+        return event.materialization
+
+    _publish(first, mirror)
+    with LoopbackServer(mirror) as srv:
+        before = run(srv.url)
+        assert before.metadata["checksums"].value == sums[first]
+        _publish(second, mirror)
+        srv.clear_log()
+        after = run(srv.url)
+        log = [(r.path, r.status) for r in srv.requests]
+
+    assert after.metadata["checksums"].value == sums[second]
+    extracted = data / "oxford_flowers" / "extracted" / image
+    assert extracted.read_bytes() == _member_bytes(second / "102flowers.tgz", image)
+    assert extracted.read_bytes() != _member_bytes(first / "102flowers.tgz", image)
+    # The listing is asked for again; only the changed file crosses the wire.
+    assert sorted(log) == [("/102flowers.tgz", 200), ("/md5sums", 200)]
+    # Same labels, new pixels: downstream assets must see a new data version.
+    assert after.tags["dagster/data_version"] != before.tags["dagster/data_version"]

@@ -136,8 +136,16 @@ def test_build_manifest_names_the_missing_images(tiny_release: Path) -> None:
         (tiny_release / "jpg" / f"image_{image_id:05d}.jpg").unlink()
     with pytest.raises(DatasetFormatError, match=r"2 of 9 images are missing .*jpg/image_00002\.jpg, jpg/image_00005\.jpg"):
         build_manifest(tiny_release, tiny_release / "imagelabels.mat", tiny_release / "setid.mat")
-    with pytest.raises(DatasetFormatError, match="9 of 9 images are missing"):
-        build_manifest(tiny_release, tiny_release / "imagelabels.mat", tiny_release / "setid.mat", "png")
+
+
+def test_build_manifest_without_the_image_folder_names_it_and_what_the_root_holds(tiny_release: Path) -> None:
+    (tiny_release / "jpg").rename(tiny_release / "images")
+    with pytest.raises(DatasetFormatError) as info:
+        build_manifest(tiny_release, tiny_release / "imagelabels.mat", tiny_release / "setid.mat")
+    message = str(info.value)
+    assert f"{tiny_release / 'jpg'} does not exist" in message
+    assert "holds: imagelabels.mat, images/, setid.mat" in message
+    assert "first" not in message  # not "extract first": the archive may well have been extracted
 
 
 def test_manifest_round_trips_through_an_atomic_parquet_write(tiny_release: Path, tmp_path: Path) -> None:

@@ -158,8 +158,17 @@ def build_manifest(
     paths = [image_relpath(int(i), image_dir) for i in image_ids]
 
     folder = dataset_root / image_dir
+    if not folder.is_dir():
+        # A missing folder is a layout problem (an archive without jpg/, a wrong root), not missing images.
+        entries = sorted(os.listdir(dataset_root)) if dataset_root.is_dir() else []
+        held = ", ".join(e + "/" if (dataset_root / e).is_dir() else e for e in entries if not e.startswith("."))
+        raise DatasetFormatError(
+            f"{folder} does not exist, so none of the {len(paths)} images can be found; {dataset_root} "
+            f"holds: {held or 'nothing'}. The release's images must lie in {image_dir}/ directly under "
+            "the dataset root: check the archive's layout or the dataset root given."
+        )
     # One directory listing instead of 8,189 stat calls.
-    present = set(os.listdir(folder)) if folder.is_dir() else set()
+    present = set(os.listdir(folder))
     missing = [p for p in paths if p.rsplit("/", 1)[-1] not in present]
     if missing:
         shown = ", ".join(missing[:_EXAMPLES]) + (", ..." if len(missing) > _EXAMPLES else "")

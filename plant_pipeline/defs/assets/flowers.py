@@ -1,5 +1,6 @@
 """Assets ``oxford_flowers`` (download, verify, extract, manifest) and ``category_map`` (the 102 names)."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,9 +25,9 @@ from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
 from plant_pipeline.ml.download import (
     OFFICIAL_BASE_URL,
     OFFICIAL_MD5,
-    download_file,
+    ExtractLimits,
+    fetch_md5sums,
     fetch_release,
-    parse_md5sums,
     safe_extract_tgz,
 )
 from plant_pipeline.ml.flowers import build_manifest, read_manifest, summarize_manifest, write_manifest
@@ -46,24 +47,32 @@ class OxfordFlowersConfig(Config):
     md5: dict[str, str] = Field(
         default=dict(OFFICIAL_MD5),
         description="Expected md5 of each of the three files (default: the official ones). Empty ({}) reads "
-        "them from the source's own 'md5sums' listing, which guards against corruption but not tampering.",
+        "them from the source's own 'md5sums' listing, fetched again on every run so that a new release on "
+        "the mirror is downloaded; it guards against corruption but not tampering.",
     )
     local_dir: str | None = Field(
         default=None,
         description="Read the three files from this folder instead of downloading (air-gapped copies, the demo).",
     )
+    max_extracted_gib: float = Field(
+        default=ExtractLimits.max_total_bytes / 2**30,
+        gt=0,
+        description="Refuse an archive whose files add up to more than this many GiB (the release: 0.33 GiB).",
+    )
+    max_compression_ratio: float = Field(
+        default=ExtractLimits.max_ratio,
+        ge=1,
+        description="Refuse an archive that expands to more than this many times its size once past 64 MiB "
+        "(a decompression bomb; the release's JPEGs expand about 1:1).",
+    )
 
 
-def _source_md5sums(config: OxfordFlowersConfig, downloads: Path) -> dict[str, str]:
-    """The checksums a mirror or folder publishes beside the files (``md5sums``, as md5sum writes it)."""
-    if config.local_dir:
-        listing = Path(config.local_dir) / "md5sums"
-    else:
-        listing = download_file(config.base_url.rstrip("/") + "/md5sums", downloads / "md5sums", None).path
-    if not listing.exists():
-        raise FileNotFoundError(f"md5 is empty, so checksums are read from {listing}, which does not exist; "
-                                "give md5 explicitly or add an md5sums file to the source")
-    return parse_md5sums(listing.read_text())
+def _data_version(manifest_path: Path, checksums: dict[str, str]) -> DataVersion:
+    """The manifest's content hash and the release files' md5s: downstream assets go stale only when the
+    data really changed, and new pixels under the same names and labels are a change."""
+    digest = hashlib.sha256(sha256_file(manifest_path).encode())
+    digest.update(json.dumps(checksums, sort_keys=True).encode())
+    return DataVersion(digest.hexdigest()[:16])
 
 
 @asset(
@@ -78,7 +87,7 @@ def oxford_flowers(
     context: AssetExecutionContext, config: OxfordFlowersConfig, storage: PipelineStorage
 ) -> MaterializeResult:
     root = storage.path(DATASET_DIR)
-    md5 = config.md5 or _source_md5sums(config, root / "downloads")
+    md5 = config.md5 or fetch_md5sums(root / "downloads", base_url=config.base_url, local_dir=config.local_dir)
     fetched = fetch_release(
         root / "downloads",
         base_url=config.base_url,
@@ -87,7 +96,10 @@ def oxford_flowers(
         progress=ProgressLog(context.log),
     )
     images_root = root / IMAGES_DIR
-    safe_extract_tgz(fetched.paths["102flowers.tgz"], images_root)
+    limits = ExtractLimits(
+        max_total_bytes=int(config.max_extracted_gib * 2**30), max_ratio=config.max_compression_ratio
+    )
+    safe_extract_tgz(fetched.paths["102flowers.tgz"], images_root, limits=limits)
     manifest = build_manifest(images_root, fetched.paths["imagelabels.mat"], fetched.paths["setid.mat"])
     manifest["path"] = f"{DATASET_DIR}/{IMAGES_DIR}/" + manifest["path"]
     write_manifest(manifest, storage.manifest_path)
@@ -102,8 +114,7 @@ def oxford_flowers(
             "checksums": MetadataValue.json(fetched.checksums),
             "preview": table(manifest, limit=10),
         },
-        # The manifest's content hash: downstream assets go stale only when the data really changed.
-        data_version=DataVersion(sha256_file(storage.manifest_path)[:16]),
+        data_version=_data_version(storage.manifest_path, fetched.checksums),
     )
 
 
