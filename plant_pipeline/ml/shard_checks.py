@@ -6,6 +6,7 @@ an AssetCheckResult.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ from .fileutil import sha256_file
 from .flowers import SOURCE as DEFAULT_SOURCE
 from .pixels import to_rgb
 from .prompts import PromptEncoder, answer_text, conversation
-from .shard_format import FIELDS, INDEX_FILE, META, Sample, decode_sample, read_index
+from .shard_format import FIELDS, INDEX_FILE, META, Sample, ShardFormatError, decode_sample, read_index
 from .shards import ShardInputError, _load_processor, sample_key
 
 
@@ -82,10 +83,63 @@ def _read_samples(path: Path, keys: set[str] | None = None) -> Iterator[Sample]:
         yield decode_sample(raw)
 
 
-def _all_metas(shards_dir: Path, index: dict) -> dict[str, list[tuple[Path, str, dict]]]:
-    return {split: [(shards_dir / shard["file"], key, meta)
-                    for shard in info["shards"] for key, meta in _shard_metas(shards_dir / shard["file"])]
-            for split, info in index["splits"].items()}
+# Errors reading a shard that is missing, truncated or not a tar: a check reports them, it never raises them.
+_READ_ERRORS = (OSError, tarfile.TarError, EOFError, ValueError)
+
+
+def _read_problem(file: str, err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return f"{file}: missing"
+    return f"{file}: not a readable shard ({type(err).__name__}: {err})"
+
+
+def _all_metas(shards_dir: Path, index: dict) -> tuple[dict[str, list[tuple[Path, str, dict]]], list[str]]:
+    """(split -> (shard path, key, meta) of every readable sample, a problem per shard that cannot be read)."""
+    metas: dict[str, list[tuple[Path, str, dict]]] = {}
+    unreadable: list[str] = []
+    for split, info in index["splits"].items():
+        metas[split] = []
+        for shard in info["shards"]:
+            path = shards_dir / shard["file"]
+            try:
+                metas[split].extend((path, key, meta) for key, meta in list(_shard_metas(path)))
+            except _READ_ERRORS as err:
+                unreadable.append(_read_problem(shard["file"], err))
+    return metas, unreadable
+
+
+def _unreadable_outcome(description: str, unreadable: list[str], metadata: dict[str, Any]) -> CheckOutcome:
+    """A failed check over shards some of which could not be read: says which, whatever else it found."""
+    return CheckOutcome(
+        passed=False,
+        description=f"{len(unreadable)} shards cannot be read ({'; '.join(unreadable[:3])}), so {description}; "
+                    "rebuild flower_shards",
+        metadata={**metadata, "unreadable_shards": unreadable[:_MAX_LISTED], "num_unreadable_shards": len(unreadable)},
+    )
+
+
+class _IndexUnreadable(Exception):
+    """index.json is missing or malformed: every check fails on it, naming it."""
+
+
+def _read_index(shards_dir: Path) -> dict[str, Any]:
+    try:
+        return read_index(shards_dir)
+    except (OSError, ValueError, ShardFormatError) as err:  # JSONDecodeError is a ValueError
+        raise _IndexUnreadable(str(err)) from err
+
+
+def _failing_without_index(check: Callable[..., CheckOutcome]) -> Callable[..., CheckOutcome]:
+    """A check that reports a missing or malformed index as a failed check instead of raising."""
+
+    @functools.wraps(check)
+    def wrapper(*args, **kwargs) -> CheckOutcome:
+        try:
+            return check(*args, **kwargs)
+        except _IndexUnreadable as err:
+            return CheckOutcome(False, f"cannot read the shard index: {err}", {"problems": [str(err)]})
+
+    return wrapper
 
 
 def preview_grid(shards_dir: Path, split: str, n: int = 8, *, columns: int = 4, thumb: int = 160) -> bytes:
@@ -130,11 +184,12 @@ def preview_grid(shards_dir: Path, split: str, n: int = 8, *, columns: int = 4, 
 _MAX_LISTED = 20  # problems listed in check metadata; the count says how many there were
 
 
+@_failing_without_index
 def check_integrity(shards_dir: Path, manifest: pd.DataFrame) -> CheckOutcome:
     """Every shard re-read: size, sha256 and sample count match the index; each split holds exactly the
     manifest's rows minus the quarantined ones, each sample complete."""
     shards_dir = Path(shards_dir)
-    index = read_index(shards_dir)
+    index = _read_index(shards_dir)
     problems: list[str] = []
     expected: dict[str, dict[str, tuple[int, str]]] = defaultdict(dict)  # split -> key -> (image_id, path)
     source = manifest["source"] if "source" in manifest.columns else [DEFAULT_SOURCE] * len(manifest)
@@ -145,6 +200,7 @@ def check_integrity(shards_dir: Path, manifest: pd.DataFrame) -> CheckOutcome:
     for split in sorted(set(expected) - set(index["splits"])):
         problems.append(f"split {split!r} has {len(expected[split])} manifest rows but no shards")
     shards_checked = 0
+    unreadable: list[str] = []  # shard files, for the description
     for split, info in index["splits"].items():
         keys: Counter = Counter()
         for shard in info["shards"]:
@@ -152,6 +208,7 @@ def check_integrity(shards_dir: Path, manifest: pd.DataFrame) -> CheckOutcome:
             shards_checked += 1
             if not path.is_file():
                 problems.append(f"{shard['file']}: missing")
+                unreadable.append(shard["file"])
                 continue
             size = path.stat().st_size
             if size != shard["bytes"]:
@@ -163,8 +220,9 @@ def check_integrity(shards_dir: Path, manifest: pd.DataFrame) -> CheckOutcome:
             try:
                 for key, member, _ in _iter_shard(path, lambda _k, _m: False):
                     members[key].add(member)
-            except (tarfile.TarError, OSError, EOFError) as err:
-                problems.append(f"{shard['file']}: not a readable tar ({err})")
+            except _READ_ERRORS as err:
+                problems.append(_read_problem(shard["file"], err))
+                unreadable.append(shard["file"])
                 continue
             incomplete = [k for k, m in members.items() if m != set(FIELDS)]
             if incomplete:
@@ -187,67 +245,89 @@ def check_integrity(shards_dir: Path, manifest: pd.DataFrame) -> CheckOutcome:
     return CheckOutcome(
         passed=passed,
         description=(f"{shards_checked} shards match the index and the manifest" if passed
-                     else f"{len(problems)} integrity problems; rebuild flower_shards"),
+                     else f"{len(problems)} integrity problems, e.g. {problems[0]}"
+                     + (f"; shards missing or unreadable: {', '.join(unreadable[:3])}" if unreadable else "")
+                     + "; rebuild flower_shards"),
         metadata={"shards_checked": shards_checked, "problems": problems[:_MAX_LISTED], "num_problems": len(problems),
+                  "unreadable_shards": unreadable[:_MAX_LISTED],
                   "samples": {s: i["samples"] for s, i in index["splits"].items()}},
     )
 
 
+@_failing_without_index
 def check_class_coverage(shards_dir: Path, num_classes: int) -> CheckOutcome:
     """Every class 0..num_classes-1 has at least one sample in every split."""
     shards_dir = Path(shards_dir)
-    index = read_index(shards_dir)
+    index = _read_index(shards_dir)
     missing: dict[str, list[int]] = {}
     counts: dict[str, dict[str, int]] = {}
-    for split, metas in _all_metas(shards_dir, index).items():
+    all_metas, unreadable = _all_metas(shards_dir, index)
+    for split, metas in all_metas.items():
         per_class = Counter(int(meta["label"]) for _, _, meta in metas)
         counts[split] = {"classes": len(per_class), "min_per_class": min(per_class.values(), default=0)}
         absent = [c for c in range(num_classes) if per_class[c] == 0]
         if absent:
             missing[split] = absent
+    metadata = {"missing": missing, "per_split": counts}
+    if unreadable:
+        return _unreadable_outcome("classes cannot be counted", unreadable, metadata)
     passed = not missing
     return CheckOutcome(
         passed=passed,
         description=(f"all {num_classes} classes present in {sorted(counts)}" if passed else
                      "classes missing: " + "; ".join(f"{s}: {len(m)} (e.g. {m[:5]})" for s, m in missing.items())),
-        metadata={"missing": missing, "per_split": counts},
+        metadata=metadata,
     )
 
 
+@_failing_without_index
 def check_no_leakage(shards_dir: Path) -> CheckOutcome:
     """No source image (by the sha256 of its file) is stored in two splits."""
     shards_dir = Path(shards_dir)
-    index = read_index(shards_dir)
+    index = _read_index(shards_dir)
     where: dict[str, dict[str, str]] = defaultdict(dict)  # sha256 -> split -> key
-    for split, metas in _all_metas(shards_dir, index).items():
+    all_metas, unreadable = _all_metas(shards_dir, index)
+    for split, metas in all_metas.items():
         for _, key, meta in metas:
             where[meta["sha256"]][split] = key
     leaks = [{"sha256": digest, "samples": splits} for digest, splits in where.items() if len(splits) > 1]
+    metadata = {"leaks": leaks[:_MAX_LISTED], "num_leaks": len(leaks), "images": len(where)}
+    if unreadable:
+        return _unreadable_outcome("leakage cannot be ruled out", unreadable, metadata)
     passed = not leaks
     return CheckOutcome(
         passed=passed,
         description=("no image appears in two splits" if passed
                      else f"{len(leaks)} images appear in more than one split, e.g. {leaks[0]['samples']}"),
-        metadata={"leaks": leaks[:_MAX_LISTED], "num_leaks": len(leaks), "images": len(where)},
+        metadata=metadata,
     )
 
 
+@_failing_without_index
 def check_quarantine_rate(shards_dir: Path, max_fraction: float = 0.01) -> CheckOutcome:
-    """At most ``max_fraction`` of each split's images were quarantined."""
-    index = read_index(Path(shards_dir))
-    rates = {}
+    """At most ``max_fraction`` of each split's images were quarantined (read from the index alone)."""
+    if not 0 <= max_fraction <= 1:
+        raise ValueError(f"max_fraction must be between 0 and 1 (a fraction of each split's images); "
+                         f"got {max_fraction!r}")
+    index = _read_index(Path(shards_dir))
+    rates, counts, examples = {}, {}, []
     for split, info in index["splits"].items():
-        bad = len(info.get("quarantined", []))
-        rates[split] = bad / max(1, bad + info["samples"])
+        quarantined = info.get("quarantined", [])
+        counts[split] = len(quarantined)
+        rates[split] = len(quarantined) / max(1, len(quarantined) + info["samples"])
+        examples += [{"split": split, **q} for q in quarantined]
     over = {s: r for s, r in rates.items() if r > max_fraction}
     return CheckOutcome(
         passed=not over,
         description=(f"quarantined fraction <= {max_fraction:.1%} in every split" if not over
-                     else "too many quarantined images: " + ", ".join(f"{s} {r:.1%}" for s, r in over.items())),
-        metadata={"quarantined_fraction": rates},
+                     else f"too many quarantined images (over {max_fraction:.1%}): "
+                     + ", ".join(f"{s} {r:.1%}" for s, r in over.items()) + "; see quarantine.json for why"),
+        metadata={"quarantined_fraction": rates, "quarantined": counts, "max_fraction": max_fraction,
+                  "examples": examples[:_MAX_LISTED]},
     )
 
 
+@_failing_without_index
 def check_exactness(
     shards_dir: Path,
     dataset_root: Path,
@@ -268,9 +348,12 @@ def check_exactness(
     from .pixels import PixelNormalizer
 
     shards_dir, dataset_root = Path(shards_dir), Path(dataset_root)
-    index = read_index(shards_dir)
-    population = [item for metas in _all_metas(shards_dir, index).values() for item in metas]
+    index = _read_index(shards_dir)
+    all_metas, unreadable = _all_metas(shards_dir, index)
+    population = [item for metas in all_metas.values() for item in metas]
     if not population:
+        if unreadable:
+            return _unreadable_outcome("no sample could be compared", unreadable, {"samples_checked": 0})
         return CheckOutcome(False, "no samples stored; nothing to compare", {"samples_checked": 0})
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(population), size=min(sample_size, len(population)), replace=False).tolist())
@@ -286,7 +369,12 @@ def check_exactness(
     max_diff = 0.0
     checked = 0
     for path, keys in wanted.items():
-        for sample in _read_samples(path, keys):
+        try:
+            samples = list(_read_samples(path, keys))
+        except _READ_ERRORS as err:  # its metadata was read a moment ago: the file changed since
+            unreadable.append(_read_problem(str(path.relative_to(shards_dir)), err))
+            continue
+        for sample in samples:
             checked += 1
             meta = sample.meta
             source = dataset_root / meta["path"]
@@ -320,10 +408,14 @@ def check_exactness(
                 problems.append(f"{sample.key}: input_ids differ from a fresh encoding of {meta['name']!r}")
             if not np.array_equal(sample.labels, labels):
                 problems.append(f"{sample.key}: labels differ from a fresh encoding of {meta['name']!r}")
+    metadata = {"samples_checked": checked, "max_abs_diff": max_diff, "problems": problems[:_MAX_LISTED]}
+    if unreadable:
+        return _unreadable_outcome(f"only {checked} samples were compared ({len(problems)} differ)", unreadable,
+                                   metadata)
     passed = not problems and checked == len(chosen)
     return CheckOutcome(
         passed=passed,
         description=(f"{checked} random samples equal the processor's output exactly" if passed
                      else f"{len(problems)} of {len(chosen)} samples differ from the processor: {problems[:2]}"),
-        metadata={"samples_checked": checked, "max_abs_diff": max_diff, "problems": problems[:_MAX_LISTED]},
+        metadata=metadata,
     )

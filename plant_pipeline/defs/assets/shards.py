@@ -108,6 +108,16 @@ def flower_shards(
     return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(out_dir / INDEX_FILE)[:16]))
 
 
+class QuarantineRateConfig(Config):
+    max_fraction: float = Field(
+        default=0.01, description="Most images of any split that may be quarantined (0.01 = 1%) before the check fails."
+    )
+    severity: str = Field(
+        default="WARN",
+        description="Severity when too many are quarantined: WARN (shown, training goes on) or ERROR.",
+    )
+
+
 def _result(outcome: checks.CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
     return AssetCheckResult(
         passed=outcome.passed, description=outcome.description, metadata=outcome.metadata, severity=severity
@@ -118,8 +128,10 @@ def _shards_dir(storage: PipelineStorage, model: ModelResource):
     return storage.shards_dir(model.spec(storage).slug)
 
 
-@asset_check(asset=flower_shards, description="Every shard re-read: counts and sha256 match the index; counts "
-             "match the manifest minus quarantined images.")
+# Blocking: a shard that does not match its index must not be trained on, so a failure stops the assets
+# downstream in the same run (trained_model, model_evaluation).
+@asset_check(asset=flower_shards, blocking=True, description="Every shard re-read: counts and sha256 match the "
+             "index; counts match the manifest minus quarantined images. Blocks the assets downstream when it fails.")
 def shards_integrity(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
     return _result(checks.check_integrity(_shards_dir(storage, model), training_manifest(storage)))
 
@@ -132,6 +144,17 @@ def shards_class_coverage(storage: PipelineStorage, model: ModelResource) -> Ass
 @asset_check(asset=flower_shards, description="No image (by content hash) in more than one split.")
 def shards_no_leakage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
     return _result(checks.check_no_leakage(_shards_dir(storage, model)))
+
+
+@asset_check(asset=flower_shards, description="At most max_fraction of each split's images quarantined "
+             "(undecodable, missing or rejected files; see quarantine.json).")
+def shards_quarantine_rate(
+    config: QuarantineRateConfig, storage: PipelineStorage, model: ModelResource
+) -> AssetCheckResult:
+    if config.severity.upper() not in ("WARN", "ERROR"):  # a typo fails now, not as a silent default
+        raise ValueError(f"severity must be WARN or ERROR; got {config.severity!r}")
+    outcome = checks.check_quarantine_rate(_shards_dir(storage, model), config.max_fraction)
+    return _result(outcome, AssetCheckSeverity(config.severity.upper()))
 
 
 @asset_check(asset=flower_shards, description="A random sample of stored tensors equals a fresh run of the "
