@@ -14,7 +14,6 @@ import resource
 import shutil
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from plant_pipeline.ml.categories import CATEGORY_NAMES  # noqa: E402
+from plant_pipeline.ml.download import safe_extract_tgz  # noqa: E402
 from plant_pipeline.ml.flowers import image_relpath, read_labels, read_splits  # noqa: E402
 from plant_pipeline.ml.pixels import resize_and_crop, to_rgb  # noqa: E402
 from plant_pipeline.ml.prompts import QUESTION, answer_text, conversation  # noqa: E402
@@ -42,11 +42,8 @@ def prepare(data: Path, work: Path, limit: int | None) -> tuple[Path, pd.DataFra
     """Extract the mini release once (not timed) and build its manifest."""
     mini = data / MINI
     root = work / "flowers"
-    with tarfile.open(mini / "102flowers.tgz", "r:*") as archive:
-        for member in archive:
-            if member.isfile() and member.name.startswith("jpg/") and member.name.endswith(".jpg"):
-                (root / member.name).parent.mkdir(parents=True, exist_ok=True)
-                (root / member.name).write_bytes(archive.extractfile(member).read())
+    # The pipeline's own extraction: a member named "../x", absolute or a link is refused, not written.
+    safe_extract_tgz(mini / "102flowers.tgz", root)
     labels = read_labels(mini / "imagelabels.mat")
     split_of = {int(i): split for split, ids in read_splits(mini / "setid.mat", len(labels)).items() for i in ids}
     ids = list(range(1, len(labels) + 1))

@@ -606,3 +606,28 @@ def test_real_photos_match_the_processor_exactly(real_photos, tiny_processor, tm
     assert outcome.passed, outcome.description
     assert outcome.metadata == {"samples_checked": 18, "max_abs_diff": 0.0, "problems": []}
     assert check_integrity(tmp_path / "shards", manifest).passed
+
+
+# --- bench/preprocess.py ---------------------------------------------------------------------------------
+
+
+def test_preprocess_bench_refuses_archive_members_that_escape_its_folder(tmp_path):
+    import importlib.util
+
+    from plant_pipeline.ml.download import UnsafeArchiveError
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_preprocess", Path(__file__).resolve().parents[1] / "bench" / "preprocess.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mini = tmp_path / "data" / bench.MINI
+    mini.mkdir(parents=True)
+    with tarfile.open(mini / "102flowers.tgz", "w:gz") as archive:
+        for name in ("jpg/image_00001.jpg", "jpg/../escaped.jpg"):  # the second lands beside jpg/'s parent
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            archive.addfile(info, io.BytesIO(b"jpg"))
+    work = tmp_path / "work"
+    with pytest.raises(UnsafeArchiveError, match=r"jpg/\.\./escaped\.jpg"):
+        bench.prepare(tmp_path / "data", work, None)
+    assert not (work / "escaped.jpg").exists()
