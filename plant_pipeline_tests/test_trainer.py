@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from plant_pipeline.ml.collate import memory_efficient_collate_fn
 from plant_pipeline.ml.model import ModelSpec
 from plant_pipeline.ml.shard_format import split_shard_paths
 from plant_pipeline.ml.streaming import StreamConfigError, make_stream
+from plant_pipeline.ml.fileutil import sha256_file
 from plant_pipeline.ml.train import (
+    ShardIntegrityError,
     TrainConfig,
     TrainConfigError,
     checkpoint_is_complete,
@@ -303,11 +306,16 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(spec, toy_shards, 
 
 
 def test_checkpoint_completeness(tmp_path):
+    from safetensors.torch import save_file
+
     def make(step: int, files: list[str], state_step: int | None = None) -> Path:
         path = tmp_path / f"checkpoint-{step}"
         path.mkdir()
-        for name in files:
-            (path / name).write_bytes(b"x")
+        for name in files:  # well-formed files: find_resumable_checkpoint also checks their structure
+            if name.endswith(".safetensors"):
+                save_file({"w": torch.zeros(2)}, path / name)
+            else:
+                torch.save({"step": step}, path / name)
         if state_step is not None:
             (path / "trainer_state.json").write_text(json.dumps({"global_step": state_step}))
         return path
@@ -325,6 +333,42 @@ def test_checkpoint_completeness(tmp_path):
 
 
 # ---- failing fast ---------------------------------------------------------------------------------
+
+def _copied_shards(toy_shards: Path, tmp_path: Path) -> tuple[Path, dict]:
+    shards = tmp_path / "shards"
+    shutil.copytree(toy_shards, shards)
+    return shards, json.loads((shards / "index.json").read_text())
+
+
+def test_a_damaged_shard_fails_before_the_model_loads(spec, toy_shards, tmp_path, monkeypatch):
+    shards, index = _copied_shards(toy_shards, tmp_path)
+    entry = index["splits"]["train"]["shards"][1]
+    path = shards / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit: same size, other content
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(ModelSpec, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ShardIntegrityError) as caught:
+        train(TrainConfig(max_steps=2, **FAST), model_spec=spec, shards_dir=shards, checkpoints_dir=tmp_path / "ck",
+              output_dir=tmp_path / "model")
+    message = str(caught.value)
+    assert str(path) in message and entry["sha256"] in message and sha256_file(path) in message
+    assert "rematerialise flower_shards" in message
+    assert not (tmp_path / "ck").exists()
+
+
+def test_a_missing_shard_is_a_usage_error_of_the_cli(spec, toy_shards, tmp_path, capsys):
+    from plant_pipeline.ml.train_cli import RunFile, main
+
+    shards, index = _copied_shards(toy_shards, tmp_path)
+    missing = shards / index["splits"]["validation"]["shards"][0]["file"]
+    missing.unlink()
+    run_file = RunFile(train=TrainConfig(max_steps=2, **FAST), model=spec, shards_dir=str(shards),
+                       checkpoints_dir=str(tmp_path / "ck"), output_dir=str(tmp_path / "model"))
+    (tmp_path / "run.json").write_text(json.dumps(run_file.to_json()))
+    assert main(["--config", str(tmp_path / "run.json")]) == 2
+    error = capsys.readouterr().err
+    assert "ShardIntegrityError" in error and str(missing) in error and "missing" in error
 
 def test_non_finite_loss_stops_before_saving(spec, toy_shards, tmp_path, monkeypatch):
     real = CustomTrainer.compute_loss

@@ -1,8 +1,9 @@
 """Fine-tune a LLaVA on flower shards: the core of the ``trained_model`` asset, runnable without Dagster.
 
 ``train(config, model_spec=..., shards_dir=..., checkpoints_dir=..., output_dir=...)`` checks the settings
-against the model and the machine, streams the shards through CustomTrainer, resumes from the last complete
-checkpoint, and writes the adapter (or merged model), processor, loss curve and metadata atomically.
+against the model and the machine and the shards against their index, streams the shards through CustomTrainer,
+resumes from the newest checkpoint whose files check out, and writes the adapter (or merged model), processor,
+loss curve and metadata atomically. A finished result with the same settings and data is kept as it is.
 Works under ``torchrun``: rank 0 alone writes the result.
 """
 
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .fileutil import atomic_write_text
+from .fileutil import atomic_write_json, atomic_write_text, sha256_file
 from .collate import memory_efficient_collate_fn
 from .model import ModelConfigError, ModelSpec, resolve_device, resolve_dtype
 from .regional_compile import COMPILE_PAD_MULTIPLE, compile_blocks
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 RESULT_META = "training_meta.json"
 LOSS_CURVE = "loss_curve.png"
 RUN_CONFIG = "run_config.json"  # in checkpoints_dir: what the checkpoints were trained with
+CHECKPOINT_MANIFEST = "checkpoint_sha256.json"  # in each checkpoint: size and sha256 of its files, written last
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "adapter_model.bin", "pytorch_model.bin")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -47,6 +49,14 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 class TrainConfigError(ValueError):
     """A training setting that cannot work (alone, with the model, or with this machine); raised before any work."""
+
+
+class ShardIntegrityError(ValueError):
+    """A shard file that is missing or differs from what the shard index recorded; raised before the model loads."""
+
+
+class CheckpointError(ValueError):
+    """No checkpoint can be resumed (its files are damaged), or a checkpoint's weights do not fit the model."""
 
 
 @dataclass
@@ -134,8 +144,10 @@ class TrainConfig:
             non_negative(name)
         if self.dataloader_num_workers is not None:
             non_negative("dataloader_num_workers")
-        if self.num_train_epochs is not None and not self.num_train_epochs > 0:
-            raise TrainConfigError(f"num_train_epochs must be > 0 or None (use max_steps); got {self.num_train_epochs}")
+        epochs = self.num_train_epochs
+        if epochs is not None and not (epochs > 0 and math.isfinite(epochs)):
+            raise TrainConfigError(
+                f"num_train_epochs must be a finite number > 0 or None (use max_steps); got {self.num_train_epochs}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise TrainConfigError(f"learning_rate must be a finite number > 0; got {self.learning_rate}")
         if self.lr_scheduler_type not in SCHEDULERS:
@@ -143,8 +155,12 @@ class TrainConfig:
                 f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler_type!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise TrainConfigError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise TrainConfigError("weight_decay and max_grad_norm must be >= 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):  # NaN passes a "< 0" test
+                raise TrainConfigError(f"{name} must be a finite number >= 0; got {value}")
+        if self.num_train_epochs is None:
+            self.check_warmup(self.max_steps)
         if not 0 <= self.lora_dropout < 1:
             raise TrainConfigError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
         if isinstance(self.lora_target_modules, str):
@@ -168,6 +184,14 @@ class TrainConfig:
             positive("max_eval_samples")
         if self.pad_to_multiple_of is not None:
             positive("pad_to_multiple_of")
+
+    def check_warmup(self, max_steps: int) -> None:
+        """warmup_steps must fit in the run (max_steps, or what num_train_epochs makes of it)."""
+        if self.warmup_steps > max_steps:
+            where = "" if self.num_train_epochs is None else f" (from num_train_epochs={self.num_train_epochs})"
+            raise TrainConfigError(
+                f"warmup_steps={self.warmup_steps} is beyond max_steps={max_steps}{where}: the learning rate would "
+                "never reach its peak; lower warmup_steps, or use warmup_ratio (a fraction of the run)")
 
     def padding_multiple(self) -> int | None:
         """The collator's ``pad_to_multiple_of`` (see that knob's help)."""
@@ -327,55 +351,184 @@ def _make_progress_callback(on_log: Callable[[dict], None] | None, memory: Memor
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-def checkpoint_is_complete(path: Path) -> bool:
-    """Whether ``checkpoint-N`` was written to the end.
+def _incomplete(path: Path) -> str | None:
+    """Why ``checkpoint-N`` was not written to the end, or None.
 
     transformers 5.24's ``Trainer._save_checkpoint`` writes straight into checkpoint-N (no temporary folder,
     no rename): the weights (adapter or model), then optimizer.pt, scheduler.pt, the scaler and RNG states,
-    then trainer_state.json, and only then rotates old checkpoints. So a checkpoint counts when its
-    trainer_state.json parses and names step N and the weights, optimizer and scheduler files are non-empty.
+    then trainer_state.json, and only then rotates old checkpoints; CHECKPOINT_MANIFEST follows (on_save). So a
+    checkpoint is complete when its trainer_state.json parses and names step N and the weights, optimizer and
+    scheduler files are non-empty.
     """
     match = CHECKPOINT_RE.match(path.name)
     if not match or not path.is_dir():
-        return False
+        return f"{path} is not a checkpoint-N folder"
+    state_file = path / "trainer_state.json"
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
-        if int(state.get("global_step", -1)) != int(match.group(1)):
-            return False
+        step = int(json.loads(state_file.read_text()).get("global_step", -1))
+    except FileNotFoundError:
+        return f"{state_file} is missing"
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        return f"{state_file} does not parse ({err})"
+    if step != int(match.group(1)):
+        return f"{state_file} is at step {step}, not {match.group(1)}"
 
-        def present(name: str) -> bool:
-            file = path / name
-            return file.is_file() and file.stat().st_size > 0
+    def present(name: str) -> bool:
+        file = path / name
+        return file.is_file() and file.stat().st_size > 0
 
-        weights = any(present(name) for name in WEIGHT_FILES)
-        index = path / "model.safetensors.index.json"
-        if not weights and index.is_file():
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-            weights = all(present(name) for name in shards)
-        return weights and present("optimizer.pt") and present("scheduler.pt")
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    weights = any(present(name) for name in WEIGHT_FILES)
+    index = path / "model.safetensors.index.json"
+    if not weights and index.is_file():
+        try:
+            weights = all(present(name) for name in set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            return f"{index} does not parse ({err})"
+    missing = [name for name, ok in (("weights", weights), ("optimizer.pt", present("optimizer.pt")),
+                                     ("scheduler.pt", present("scheduler.pt"))) if not ok]
+    return f"{path} has no {', '.join(missing)}" if missing else None
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """Whether ``checkpoint-N`` was written to the end (see _incomplete); says nothing of its files' contents."""
+    return _incomplete(path) is None
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    return sorted(f for f in path.rglob("*") if f.is_file() and f.name != CHECKPOINT_MANIFEST
+                  and not f.name.startswith("."))
+
+
+def write_checkpoint_manifest(path: Path) -> Path:
+    """Record size and sha256 of every file of a checkpoint the Trainer has just written (still in the page cache)."""
+    files = {str(f.relative_to(path)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in _checkpoint_files(path)}
+    return atomic_write_json(path / CHECKPOINT_MANIFEST, {"files": files})
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    # The header (8-byte length + JSON) lists every tensor's byte range: the data must end where the file does.
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= size - 8:
+                return f"{file}: header length {length} does not fit in {size} bytes (truncated or not safetensors)"
+            header = json.loads(handle.read(length))
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"{file}: the safetensors header does not parse ({err})"
+    if 8 + length + end != size:
+        return f"{file}: the header promises {8 + length + end} bytes, the file has {size} (truncated?)"
+    return None
+
+
+def _structure_problem(path: Path) -> str | None:
+    """Checks that cost no full read, for checkpoints without a manifest (older ones, or cut off just before it)."""
+    import zipfile
+
+    for file in _checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            problem = _safetensors_problem(file)
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            try:  # torch.save writes a zip: its central directory, at the end, goes with a truncation
+                with zipfile.ZipFile(file) as archive:
+                    archive.infolist()
+                problem = None
+            except (OSError, zipfile.BadZipFile) as err:
+                problem = f"{file} is not a readable torch file ({err})"
+        elif file.suffix == ".json":
+            try:
+                json.loads(file.read_text())
+                problem = None
+            except (OSError, ValueError) as err:
+                problem = f"{file} does not parse ({err})"
+        else:
+            problem = None
+        if problem:
+            return problem
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a complete checkpoint cannot be resumed, naming the file; None when it can.
+
+    With a manifest (every checkpoint this module's runs write): each file's size, then its sha256. Without one:
+    the structure of each file (safetensors header and length, torch zip directory, JSON).
+    """
+    problem = _incomplete(path)
+    if problem:
+        return problem
+    manifest = path / CHECKPOINT_MANIFEST
+    if not manifest.is_file():
+        return _structure_problem(path)
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+        files = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in listed.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{manifest} does not parse ({err})"
+    for name, (size, _) in files.items():  # sizes first: a truncated file is found without reading anything
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing (listed in {CHECKPOINT_MANIFEST})"
+        if file.stat().st_size != size:
+            return f"{file} has {file.stat().st_size} bytes, {size} when it was saved (truncated or overwritten)"
+    for name, (_, digest) in files.items():
+        actual = sha256_file(path / name)
+        if actual != digest:
+            return f"{path / name} has sha256 {actual[:16]}..., {digest[:16]}... when it was saved (corrupted)"
+    return None
 
 
 def find_resumable_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+    """The complete checkpoint with the highest step whose files check out (checkpoint_problem), or None.
+
+    A newer complete checkpoint that does not check out is named in a warning and the next older one is tried;
+    when complete checkpoints exist but none checks out, CheckpointError names them all.
+    """
     if not checkpoints_dir.is_dir():
         return None
-    found = []
-    for path in checkpoints_dir.iterdir():
-        match = CHECKPOINT_RE.match(path.name)
-        if match and checkpoint_is_complete(path):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+    complete = sorted(((int(m.group(1)), path) for path in checkpoints_dir.iterdir()
+                       if (m := CHECKPOINT_RE.match(path.name)) and checkpoint_is_complete(path)), reverse=True)
+    problems = []
+    for _, path in complete:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("cannot resume from %s: %s; trying the next older checkpoint", path.name, problem)
+        problems.append(problem)
+    if problems:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoints_dir} can be resumed: {'; '.join(problems)}. Move the damaged checkpoints "
+            "away (to keep them) and train again, or set resume=False to start over (deletes them)")
+    return None
 
 
 def _remove_incomplete_checkpoints(checkpoints_dir: Path) -> None:
     # A checkpoint cut off by a kill would otherwise count in the Trainer's save_total_limit rotation
-    # (it sorts by name/mtime, not completeness) and could push a good one out.
+    # (it sorts by name/mtime, not completeness) and could push a good one out. Damaged complete ones stay: they
+    # are overwritten when the resumed run saves that step again.
     for path in checkpoints_dir.glob("checkpoint-*"):
-        if CHECKPOINT_RE.match(path.name) and not checkpoint_is_complete(path):
-            logger.warning("removing incomplete checkpoint %s (the run that wrote it was interrupted)", path)
+        problem = _incomplete(path) if CHECKPOINT_RE.match(path.name) else None
+        if problem:
+            logger.warning("removing incomplete checkpoint %s (the run that wrote it was interrupted): %s",
+                           path, problem)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_manifest_callback():
+    from transformers import TrainerCallback
+
+    class ManifestCallback(TrainerCallback):
+        """Writes CHECKPOINT_MANIFEST into each checkpoint once every rank has written its part of it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # per-rank files (RNG states, sharded weights) are all there
+            if state.is_world_process_zero:
+                write_checkpoint_manifest(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return ManifestCallback()
 
 
 def _run_fingerprint(config: TrainConfig, model_spec: ModelSpec, index: dict) -> dict:
@@ -668,10 +821,74 @@ def _resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype
     return dtype
 
 
+def verify_shards(shards_dir: Path, index: dict, splits: tuple[str, ...] = ("train", "validation")) -> int:
+    """Every shard of ``splits`` exists with the size and sha256 that index.json recorded; returns the bytes read.
+
+    Raises ShardIntegrityError on the first that does not: training on a damaged shard would fail mid-run or,
+    worse, learn from garbage. Sizes are compared before any hashing.
+    """
+    shards = [shard for split in splits for shard in index["splits"].get(split, {}).get("shards", [])]
+    advice = "rematerialise flower_shards (the shards_integrity check names every damaged file)"
+    for shard in shards:
+        path = shards_dir / shard["file"]
+        if not path.is_file():
+            raise ShardIntegrityError(f"shard {path} is missing (listed in {shards_dir}/index.json); {advice}")
+        size = path.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            raise ShardIntegrityError(
+                f"shard {path} has {size} bytes, index.json expects {shard['bytes']}; {advice}")
+    total = 0
+    for shard in shards:
+        path = shards_dir / shard["file"]
+        expected = shard.get("sha256")
+        if not expected:
+            raise ShardIntegrityError(f"{shards_dir}/index.json records no sha256 for {shard['file']}; {advice}")
+        actual = sha256_file(path)
+        total += path.stat().st_size
+        if actual != expected:
+            raise ShardIntegrityError(
+                f"shard {path} has sha256 {actual}, index.json expects {expected}: the file changed after it "
+                f"was written; {advice}")
+    return total
+
+
 def _split_samples(index: dict, split: str, shards_dir: Path) -> int:
     if split not in index["splits"]:
         raise TrainConfigError(f"{shards_dir}/index.json has no {split!r} split; it has {sorted(index['splits'])}")
     return int(index["splits"][split]["samples"])
+
+
+def _result_identity(config: TrainConfig, model_spec: ModelSpec, index: dict, max_steps: int,
+                     world_size: int) -> dict:
+    """What a finished result depends on: settings (all but resume), model, shard contents, steps and ranks."""
+    shards = {split: [s.get("sha256") or s["file"] for s in index["splits"][split]["shards"]]
+              for split in ("train", "validation")}
+    return _json_safe({
+        "train_config": {k: v for k, v in asdict(config).items() if k != "resume"},
+        "model_spec": asdict(model_spec),
+        "shards_sha256": hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest(),
+        "max_steps": max_steps,
+        "world_size": world_size,
+    })
+
+
+def _finished_result(output_dir: Path, identity: dict) -> TrainResult | None:
+    """The TrainResult already in ``output_dir`` when it was made with exactly ``identity``, else None."""
+    try:
+        meta = json.loads((output_dir / RESULT_META).read_text())
+    except (OSError, ValueError):
+        return None
+    weights = [output_dir / n for n in (*WEIGHT_FILES, "model.safetensors.index.json")]
+    if (not isinstance(meta, dict) or meta.get("run_identity") != identity or meta.get("steps") != identity["max_steps"]
+            or not any(f.is_file() and f.stat().st_size > 0 for f in weights)):
+        return None
+    curve = output_dir / LOSS_CURVE
+    names = {f for f in TrainResult.__dataclass_fields__} - {"model_path", "loss_curve_path"}
+    try:
+        return TrainResult(model_path=str(output_dir), loss_curve_path=str(curve) if curve.is_file() else None,
+                           **{name: meta[name] for name in names if name in meta})
+    except TypeError:  # metadata of an older layout
+        return None
 
 
 def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path, checkpoints_dir: str | Path,
@@ -714,6 +931,18 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
     max_steps = config.max_steps
     if config.num_train_epochs is not None:
         max_steps = max(1, math.ceil(config.num_train_epochs * train_samples / global_batch))
+        config.check_warmup(max_steps)
+    identity = _result_identity(config, model_spec, index, max_steps, world_size)
+    if config.resume:
+        finished = _finished_result(output_dir, identity)
+        if finished is not None:
+            logger.info("%s already holds this run's result (same settings, model, shards and %d steps); keeping it",
+                        output_dir, max_steps)
+            return finished
+    hash_started = time.perf_counter()
+    hashed = verify_shards(shards_dir, index)
+    logger.info("verified %d shards (%.1f MB) against index.json in %.2f s", len(train_shards) + len(val_shards),
+                hashed / 1e6, time.perf_counter() - hash_started)
     if config.use_lora:
         validate_lora_targets(_model_skeleton(model_spec), config.lora_target_modules)
     fingerprint = _run_fingerprint(config, model_spec, index)
@@ -787,7 +1016,7 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
                                                   pad_to_multiple_of=config.padding_multiple()),
         train_dataset=train_stream,
         eval_dataset=val_stream,
-        callbacks=[progress],
+        callbacks=[_make_manifest_callback(), progress],  # manifest first: its hashing is no training time
         memory_cleanup_steps=config.memory_cleanup_steps,
         max_eval_samples=config.max_eval_samples,
         eval_dataloader_num_workers=eval_workers,
@@ -839,7 +1068,7 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         "world_size": world_size,
     }
     curve, _ = _save_result(trainer, processor, config, model_spec, output_dir, history,
-                            {**summary, "seconds": time.time() - started}, is_main)
+                            {**summary, "seconds": time.time() - started, "run_identity": identity}, is_main)
     curve_path = str(curve) if curve else None
     return TrainResult(model_path=str(output_dir), log_history=history, seconds=time.time() - started,
                        loss_curve_path=curve_path, **summary)

@@ -30,7 +30,7 @@ from typing import Any
 from .fileutil import atomic_write_json
 from .model import ModelConfigError, ModelSpec
 from .streaming import StreamConfigError
-from .train import TrainConfig, TrainConfigError, TrainResult
+from .train import CheckpointError, ShardIntegrityError, TrainConfig, TrainConfigError, TrainResult
 
 logger = logging.getLogger("plant_pipeline.ml.train_cli")
 
@@ -41,7 +41,9 @@ class RunFileError(ValueError):
     """A run file that is not valid JSON or names unknown settings."""
 
 
-USAGE_ERRORS = (TrainConfigError, StreamConfigError, ModelConfigError, FileNotFoundError, RunFileError)
+# Damaged shards or checkpoints are inputs to rebuild or move away, not bugs: the message says which and how.
+USAGE_ERRORS = (TrainConfigError, StreamConfigError, ModelConfigError, FileNotFoundError, RunFileError,
+                ShardIntegrityError, CheckpointError)
 
 
 @dataclass

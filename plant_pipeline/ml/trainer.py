@@ -1,7 +1,7 @@
 """A ``transformers.Trainer`` for LLaVA on streamed shards: answer-token loss, streaming loaders, fail-fast steps.
 
 Only documented hooks are overridden (data loaders, get_batch_samples, training_step, compute_loss,
-prediction_step, evaluate), with the parent's signatures and return shapes.
+prediction_step, evaluate, _load_from_checkpoint), with the parent's signatures and return shapes.
 
 No host-device synchronisation of its own per training step: batches go to the GPU non-blocking from pinned
 memory as soon as they are fetched, logit positions come from the collator, and pixels may travel as uint8
@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from .collate import LOGIT_POSITIONS, MODEL_INPUTS, SAMPLE_KEYS
 from .pixels import PixelNormalizer
 from .prefetch import PrefetchingDataLoader
 from .shard_format import IGNORE_INDEX
+from .train import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,59 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _key_error(where: Path, what: str, missing, unexpected, mismatched=()) -> CheckpointError:
+    def shown(keys) -> str:
+        keys = sorted(keys)
+        return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+    parts = [f"{label} [{shown(keys)}]" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                            ("keys of another shape", mismatched)) if keys]
+    return CheckpointError(
+        f"{where} does not fit {what}: {'; '.join(parts)}. It was saved from another model or is damaged; resume "
+        "from another checkpoint (move this one away) or set resume=False to start over")
+
+
+def _check_adapter_keys(model: nn.Module, folder: Path) -> None:
+    """The adapter file holds exactly the keys peft would save for this model (peft's own loader only warns)."""
+    from peft import get_peft_model_state_dict
+
+    adapter = model.active_adapters[0]
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        file = folder / name
+        if file.is_file():
+            break
+    else:
+        return  # the parent looks for other layouts (adapters in sub-folders) and says what it does not find
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            saved = set(handle.keys())
+    else:
+        saved = set(torch.load(file, map_location="cpu", weights_only=True))
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter))
+    if saved != expected:
+        raise _key_error(file, f"the {adapter!r} adapter of this model", expected - saved, saved - expected)
+
+
+def _load_full_weights(model: nn.Module, folder: Path) -> None:
+    # One CPU copy of the weights, as the parent's load_state_dict path makes; from_pretrained applies the model's
+    # conversion mapping (renamed keys, tied weights) exactly as it does for the pretrained model.
+    dtype = next(model.parameters()).dtype
+    where = next((folder / n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                       "pytorch_model.bin.index.json") if (folder / n).is_file()), folder)
+    try:
+        loaded, info = type(model).from_pretrained(folder, dtype=dtype, output_loading_info=True,
+                                                   local_files_only=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{where} does not load into {type(model).__name__}: {err}") from err
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = [item[0] if isinstance(item, tuple) else item for item in info.get("mismatched_keys") or ()]
+    if missing or unexpected or mismatched:
+        raise _key_error(where, type(model).__name__, missing, unexpected, mismatched)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
+
 class CustomTrainer(Trainer):
     """Trainer over WebDataset streams.
 
@@ -118,6 +173,7 @@ class CustomTrainer(Trainer):
         self.eval_dataloader_num_workers = eval_dataloader_num_workers
         self.read_ahead_batches = read_ahead_batches
         self._last_cleanup_step = -1
+        self._rng_checkpoint: str | None = None  # see train()
         # compute_loss normalises by num_items_in_batch itself: have the Trainer count answer tokens over the
         # whole accumulated batch (and across ranks) and not rescale the loss again.
         self.model_accepts_loss_kwargs = True
@@ -169,7 +225,45 @@ class CustomTrainer(Trainer):
         """The parent's, with each batch sent to the device as it is fetched: the copy overlaps the GPU's
         queued work, and the answer-token count is then summed there instead of copied over with a sync."""
         batches = [_to_device(batch, self.args.device) for batch in itertools.islice(epoch_iterator, num_batches)]
-        return super().get_batch_samples(iter(batches), len(batches), device)
+        result = super().get_batch_samples(iter(batches), len(batches), device)
+        if self._rng_checkpoint is not None:
+            # After the loader's iterator drew its seed, where the parent restores the RNG state when it skips batches.
+            self._load_rng_state(self._rng_checkpoint)
+            self._rng_checkpoint = None
+        return result
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        # With ignore_data_skip the parent restores the RNG state only at an epoch boundary, and a max_steps stream is
+        # one endless epoch: dropout would draw other masks than in an uninterrupted run. get_batch_samples restores it.
+        if (isinstance(resume_from_checkpoint, str) and self.args.ignore_data_skip
+                and isinstance(self.train_dataset, IterableDataset)):
+            self._rng_checkpoint = resume_from_checkpoint
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The weights of a checkpoint, loaded strictly and under the names the model has.
+
+        transformers 5's save_pretrained writes a LLaVA's weights under its original checkpoint names (it reverts
+        the conversion mapping that from_pretrained applies), and the parent reloads them with a non-strict
+        ``load_state_dict`` that only warns: every key misses and the weights stay as they were. Full weights are
+        therefore read through ``from_pretrained`` (the same renaming as any pretrained model) and copied in;
+        adapters go through peft after their key list is compared with the model's. A missing or unexpected key
+        raises CheckpointError. FSDP, DeepSpeed and SageMaker checkpoints keep the parent's loaders.
+        """
+        from transformers.utils import is_sagemaker_mp_enabled
+
+        model = self.model if model is None else model
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or is_sagemaker_mp_enabled():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from peft import PeftModel
+
+        folder = Path(resume_from_checkpoint)
+        if isinstance(model, PeftModel):
+            _check_adapter_keys(model, folder)
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_full_weights(model, folder)
+
 
     # ---- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
