@@ -25,6 +25,7 @@ from plant_pipeline.ml.download import (
     DownloadError,
     UnsafeArchiveError,
     download_file,
+    fetch_md5sums,
     fetch_release,
     md5sum,
     parse_md5sums,
@@ -165,6 +166,29 @@ def test_flaky_link_that_keeps_making_progress_still_finishes(tmp_path, site, se
     assert md5sum(dest) == _blob_md5(site)
 
 
+def test_partial_file_of_a_file_that_changed_on_the_server_is_downloaded_again(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    # An earlier run stopped 100 kB into an older version of the file; the server now has another.
+    dest.with_name("blob.bin.partial").write_bytes(random.Random(9).randbytes(100_000))
+    result = download_file(server.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+    assert [r.range for r in server.requests] == ["bytes=100000-", None]
+    assert not result.resumed and md5sum(dest) == _blob_md5(site)
+
+
+def test_refresh_fetches_again_and_keeps_the_old_copy_until_a_new_one_is_complete(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes(b"old listing")
+    dest.with_name("blob.bin.partial").write_bytes(b"stale partial")  # never continued: it may be of another file
+    result = download_file(server.url_for("blob.bin"), dest, None, refresh=True, **FAST)
+    assert not result.skipped and [r.range for r in server.requests] == [None]
+    assert md5sum(dest) == _blob_md5(site)
+    dest.write_bytes(b"old listing")
+    server.fail_next("blob.bin", status=404)
+    with pytest.raises(DownloadError):
+        download_file(server.url_for("blob.bin"), dest, None, refresh=True, **FAST)
+    assert dest.read_bytes() == b"old listing"
+
+
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_transient_status_is_retried_then_succeeds(tmp_path, site, server, status) -> None:
     server.fail_next("blob.bin", status=status, times=2)
@@ -262,6 +286,21 @@ def test_fetch_release_argument_errors(tmp_path, fake_release) -> None:
     (root / "imagelabels.mat").unlink()
     with pytest.raises(DownloadError, match="imagelabels.mat"):
         fetch_release(tmp_path / "dl", local_dir=root, md5=sums)
+
+
+def test_fetch_md5sums_reads_the_listing_and_says_what_to_do_without_one(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    (root / "md5sums").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
+    with LoopbackServer(root) as srv:
+        assert fetch_md5sums(tmp_path / "dl", base_url=srv.url) == sums
+        assert fetch_md5sums(tmp_path / "dl", base_url=srv.url) == sums
+        assert [r.path for r in srv.requests] == ["/md5sums", "/md5sums"]  # asked again, not trusted from disk
+        (root / "md5sums").unlink()
+        with pytest.raises(DownloadError, match=r"md5sums.*404.*give md5 explicitly"):
+            fetch_md5sums(tmp_path / "dl", base_url=srv.url)
+    assert (tmp_path / "dl" / "md5sums").is_file()  # the last good listing stays
+    with pytest.raises(DownloadError, match=r"release/md5sums, which does not exist; give md5 explicitly"):
+        fetch_md5sums(tmp_path / "dl", local_dir=root)
 
 
 # -- safe_extract_tgz ---------------------------------------------------------------------------

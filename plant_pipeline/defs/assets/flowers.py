@@ -57,7 +57,7 @@ class OxfordFlowersConfig(Config):
     max_extracted_gib: float = Field(
         default=ExtractLimits.max_total_bytes / 2**30,
         gt=0,
-        description="Refuse an archive whose files add up to more than this many GiB (the release: 0.33 GiB).",
+        description="Refuse an archive whose files add up to more than this many GiB (the release: about 0.32 GiB).",
     )
     max_compression_ratio: float = Field(
         default=ExtractLimits.max_ratio,
