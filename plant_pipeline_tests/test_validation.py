@@ -103,3 +103,19 @@ def test_normalizer_table_must_be_finite(tiny_processor):
         validate_normalizer(SimpleNamespace(table=table))
     with pytest.raises(SampleValidationError, match="expected \\(3, 256\\)"):
         validate_normalizer(SimpleNamespace(table=np.ones((3, 255), np.float32)))
+
+
+@pytest.mark.parametrize("key", ["image.00001", "train/image_00001", "../image_00001", "", 7])
+def test_every_writer_of_the_format_refuses_a_key_that_would_regroup_members(key):
+    # WebDataset cuts a member name at its first dot: "image.00001.pixels.npy" would become key "image".
+    # encode_sample (webdataset's TarWriter, the toy shards, the benches) and shards.write_sample (build_shards'
+    # layout) both check the key, so no writer can put such a member name into a shard.
+    from plant_pipeline.ml.shard_format import encode_sample
+    from plant_pipeline.ml.shards import tar_sample
+
+    sample = good_sample()
+    sample.key = key
+    with pytest.raises(SampleValidationError, match="expected a non-empty string without '.' or '/'"):
+        encode_sample(sample)
+    with pytest.raises(SampleValidationError, match="expected a non-empty string without '.' or '/'"):
+        tar_sample(sample)

@@ -50,7 +50,13 @@ def _load_npy(data: bytes, key: str, field: str) -> np.ndarray:
 
 
 def encode_sample(sample: Sample) -> dict[str, Any]:
-    """Sample -> the dict ``webdataset.TarWriter.write`` takes (bytes per member)."""
+    """Sample -> the dict ``webdataset.TarWriter.write`` takes (bytes per member).
+
+    Raises validation.SampleValidationError for a key that would not read back as one sample.
+    """
+    from .validation import validate_key  # validation imports this module
+
+    validate_key(sample.key)
     return {
         "__key__": sample.key,
         PIXELS: _npy_bytes(sample.pixels.astype(np.uint8, copy=False)),

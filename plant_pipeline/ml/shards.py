@@ -306,8 +306,10 @@ def write_sample(file, sample: Sample) -> int:
 
     The same bytes as shard_format.encode_sample's members in a ustar archive with fixed headers, but the
     pixels go from the array to the file without being copied into intermediate buffers (they are 98% of
-    a sample); test_shards checks the two stay identical.
+    a sample); test_shards checks the two stay identical. Raises SampleValidationError for a key that would
+    not read back as one sample.
     """
+    validate_key(sample.key)
     pixels = np.ascontiguousarray(sample.pixels, dtype=np.uint8)
     head, tail = _sample_frame(sample.key, pixels.shape, sample.input_ids, sample.labels, sample.meta)
     file.write(head)
