@@ -117,6 +117,8 @@ def test_an_upright_image_is_not_turned_again(orientation):
     with Image.open(io.BytesIO(_jpeg_with_orientation(_left_red_right_blue(), orientation))) as image:
         once = to_rgb(image)
         assert np.array_equal(np.asarray(to_rgb(once)), np.asarray(once))
+        assert np.array_equal(np.asarray(to_rgb(once.copy())), np.asarray(once))
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(once.convert("RGB"))), np.asarray(once))
 
 
 def test_orientation_applies_to_converted_modes_too():

@@ -30,6 +30,8 @@ _UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# Where Image.getexif finds an orientation (EXIF for JPEG/WebP, PNG's text chunk, XMP).
+_ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "xmp", "XML:com.adobe.xmp")
 # One band of more than 8 bits. Pillow's own convert("RGB") clips these at 255 instead of scaling them.
 _HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -49,8 +51,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if upright is None:
         return rgb
     turned = rgb.transpose(upright)
-    # transpose copies the file's EXIF: drop its orientation, so that to_rgb(to_rgb(x)) turns x only once.
-    turned.getexif().pop(_EXIF_ORIENTATION, None)
+    # transpose copies the file's metadata, orientation included: drop it, so that neither to_rgb again
+    # (resize_and_crop calls it) nor anything reading a copy of this image turns it a second time.
+    for key in _ORIENTATION_SOURCES:
+        turned.info.pop(key, None)
     return turned
 
 
