@@ -102,15 +102,19 @@ def test_resumed_and_finished_runs_give_the_uninterrupted_weights(spec, one_shar
     _assert_same_weights(_weights(tmp_path / "resumed" / "model"), expected)
     assert resumed.final_validation_loss == pytest.approx(whole.final_validation_loss, abs=1e-6)
 
-    # Run again once finished: the result is kept as it is.
+    # Run again once finished: the result is kept as it is (not even rewritten).
+    written = (tmp_path / "resumed" / "model" / "training_meta.json").stat()
     again = run("resumed")
+    kept = (tmp_path / "resumed" / "model" / "training_meta.json").stat()
+    assert (kept.st_ino, kept.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert again.resumed_from_step == again.steps == 4  # resumed at the end: nothing left to train
     _assert_same_weights(_weights(tmp_path / "resumed" / "model"), expected)
     assert again.final_validation_loss == pytest.approx(whole.final_validation_loss, abs=1e-6)
 
     # Killed while writing the result: the final checkpoint's weights become the result, not the base model's.
     shutil.rmtree(tmp_path / "resumed" / "model")
     rebuilt = run("resumed")
-    assert rebuilt.steps == 4
+    assert rebuilt.resumed_from_step == rebuilt.steps == 4
     _assert_same_weights(_weights(tmp_path / "resumed" / "model"), expected)
     assert rebuilt.final_validation_loss == pytest.approx(whole.final_validation_loss, abs=1e-6)
 

@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -873,7 +873,9 @@ def _result_identity(config: TrainConfig, model_spec: ModelSpec, index: dict, ma
 
 
 def _finished_result(output_dir: Path, identity: dict) -> TrainResult | None:
-    """The TrainResult already in ``output_dir`` when it was made with exactly ``identity``, else None."""
+    """The TrainResult already in ``output_dir`` when it was made with exactly ``identity``, else None.
+
+    Reported as resumed at its last step, as a re-run that finds only the final checkpoint reports it."""
     try:
         meta = json.loads((output_dir / RESULT_META).read_text())
     except (OSError, ValueError):
@@ -883,10 +885,10 @@ def _finished_result(output_dir: Path, identity: dict) -> TrainResult | None:
             or not any(f.is_file() and f.stat().st_size > 0 for f in weights)):
         return None
     curve = output_dir / LOSS_CURVE
-    names = {f for f in TrainResult.__dataclass_fields__} - {"model_path", "loss_curve_path"}
+    names = {f.name for f in fields(TrainResult)} - {"model_path", "loss_curve_path", "resumed_from_step"}
     try:
         return TrainResult(model_path=str(output_dir), loss_curve_path=str(curve) if curve.is_file() else None,
-                           **{name: meta[name] for name in names if name in meta})
+                           resumed_from_step=meta["steps"], **{name: meta[name] for name in names if name in meta})
     except TypeError:  # metadata of an older layout
         return None
 
