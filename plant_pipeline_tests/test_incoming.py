@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +41,19 @@ from plant_pipeline.ml.flowers import (
 from plant_pipeline.ml.shard_format import META, read_index
 
 
+def _settle(*paths: Path) -> None:
+    """Date the files a minute back: written and done with, as the intake waits for files still changing."""
+    then = time.time_ns() - 60 * 10**9
+    for path in paths:
+        os.utime(path, ns=(then, then))
+
+
 def _photo(path: Path, seed: int, size=(40, 30), format="JPEG") -> bytes:
-    """A small random photo at ``path``; its bytes."""
+    """A small random photo at ``path``, written a minute ago; its bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, format=format)
+    _settle(path)
     return path.read_bytes()
 
 
@@ -66,9 +76,10 @@ def drop(tmp_path):
     _photo(inbox / "tulipz" / "tulip.jpg", 3)
     (inbox / "sunflower").mkdir()
     (inbox / "sunflower" / "notes.jpg").write_text("not a photo")
-    (inbox / "sunflower" / "half.jpg").write_bytes(pea[: len(pea) // 2])  # a copy still being written
+    (inbox / "sunflower" / "half.jpg").write_bytes(pea[: len(pea) // 2])  # a copy cut short
     (inbox / "sunflower" / ".DS_Store").write_bytes(b"\0")
     (inbox / "stray.jpg").write_bytes(rose)  # outside a category folder
+    _settle(*(p for p in inbox.rglob("*") if p.is_file()))
     return tmp_path, {"rose": rose, "pea": pea}
 
 
@@ -135,6 +146,7 @@ def test_a_second_intake_takes_nothing_twice(drop):
     first = incoming.ingest(root)
     manifest_hash = _sha(first.manifest_path.read_bytes())
     (root / "incoming" / "sunflower" / "copy-of-a-copy.jpg").write_bytes(data["rose"])
+    _settle(root / "incoming" / "sunflower" / "copy-of-a-copy.jpg")
 
     again = incoming.ingest(root)
     assert again.added == [] and len(again.photos) == 2
@@ -158,7 +170,7 @@ def test_an_interrupted_intake_leaves_the_ledger_and_resumes(drop, monkeypatch):
     monkeypatch.setattr(incoming, "atomic_write_json", crash)
     with pytest.raises(KeyboardInterrupt):
         incoming.ingest(root)
-    assert incoming.read_ledger(root) == [] and not incoming.manifest_path(root).exists()
+    assert incoming.read_ledger(root) == [], "the ledger is written last"
     assert not list((root / "user_photos").glob("*.partial"))
     monkeypatch.undo()
 
@@ -188,6 +200,11 @@ def test_user_rows_join_the_release_manifest_without_id_collisions(drop):
 # --- the sensor ------------------------------------------------------------------------------------
 
 
+def _listed(root: Path, *originals: str) -> list[tuple[str, int, int]]:
+    """(original, size, mtime_ns) of files under the data root: what a run key is made of."""
+    return [(name, (root / name).stat().st_size, (root / name).stat().st_mtime_ns) for name in originals]
+
+
 def _tick(instance, root: Path, cursor: str | None = None):
     with build_sensor_context(instance=instance, cursor=cursor,
                               resources={"storage": PipelineStorage(data_dir=str(root))}) as context:
@@ -199,8 +216,11 @@ def test_sensor_requests_one_run_per_set_of_new_photos(drop):
     with instance_for_test() as instance:
         first = _tick(instance, root)
         [request] = first.run_requests
-        expected = new_photos_run_key([_sha(data["rose"]), _sha(data["pea"])])
-        assert request.run_key == expected
+        # Every file the run must read (the sensor reads none): the photos, their copy, and the broken ones.
+        expected = new_photos_run_key(_listed(
+            root, "incoming/73/same-rose-again.jpg", "incoming/Rose/IMG_0001.jpg", "incoming/sunflower/half.jpg",
+            "incoming/sunflower/notes.jpg", "incoming/sweet_pea/pea.png"))
+        assert request.run_key == expected and request.tags["plant_pipeline/new_photos"] == "5"
         assert request.asset_selection == [AssetKey("user_photos")], "no shards yet: take the photos in only"
         [again] = _tick(instance, root, first.cursor).run_requests
         assert again.run_key == expected, "the same photos, ticked again, give the same key"
@@ -222,8 +242,11 @@ def test_sensor_skip_names_unknown_categories_and_corrupt_files(tmp_path):
     _photo(inbox / "tulipz" / "tulip.jpg", 1)
     (inbox / "rose").mkdir()
     (inbox / "rose" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    _settle(inbox / "rose" / "broken.jpg")
     before = _snapshot(inbox)
     with instance_for_test() as instance:
+        assert _tick(instance, tmp_path).run_requests, "the sensor does not decode: the run finds out"
+        incoming.ingest(tmp_path)
         result = _tick(instance, tmp_path)
     assert not result.run_requests
     message = result.skip_reason.skip_message
@@ -270,6 +293,7 @@ def test_a_user_photo_flows_into_the_manifest_and_the_train_shards(tmp_path, tin
     photo = _photo(root / "incoming" / "Rose" / "from-my-garden.jpg", 7)
     (root / "incoming" / "roses").mkdir()
     (root / "incoming" / "roses" / "r.jpg").write_bytes(photo[:100])
+    _settle(root / "incoming" / "roses" / "r.jpg")
     storage = PipelineStorage(data_dir=str(root))
     resources = {"storage": storage, "model": ModelResource(model_name=str(tiny_model_dir), local_files_only=True)}
     run_config = {"ops": {"oxford_flowers": {"config": {"local_dir": str(release.out_dir), "md5": {}}},

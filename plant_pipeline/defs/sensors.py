@@ -1,7 +1,9 @@
 """``incoming_photos_sensor``: new photos under data/incoming/ launch a run that takes them in and rebuilds the shards.
 
-Created stopped, as Dagster sensors and schedules are; a person turns it on in the UI (Automation). The run key
-is derived from the new photos' content hashes, so however often it ticks, one set of photos starts one run.
+Created stopped, as Dagster sensors and schedules are; a person turns it on in the UI (Automation). A tick only
+lists incoming/ (a stat per file) and reads the ledger: it opens no photo, so 10,000 new ones cost it well under a
+second; the run hashes, dedupes and decodes. The run key is derived from the path, size and mtime of the files
+to read, so however often it ticks, one set of files starts one run.
 """
 
 import hashlib
@@ -29,9 +31,10 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def new_photos_run_key(hashes: list[str]) -> str:
-    """The same set of new photos gives the same key, so Dagster launches it once."""
-    return "user-photos-" + _digest("\n".join(sorted(hashes)))
+def new_photos_run_key(files: list[tuple[str, int, int]]) -> str:
+    """The same files (path, size, mtime_ns) give the same key, so Dagster launches them once; a file that
+    changes gives a new key."""
+    return "user-photos-" + _digest("\n".join(f"{path}\0{size}\0{mtime_ns}" for path, size, mtime_ns in sorted(files)))
 
 
 def _listing(skipped: list[incoming.Skipped]) -> str:
@@ -43,21 +46,27 @@ def _listing(skipped: list[incoming.Skipped]) -> str:
     job=add_user_photos_job,
     minimum_interval_seconds=INTERVAL_SECONDS,
     default_status=DefaultSensorStatus.STOPPED,
-    description="Watches data/incoming/<category name or 0-based id>/ for photos whose content (sha256) is not "
-    "taken in yet and launches add_user_photos for them (only user_photos until flower_shards exists). Unknown "
-    "categories and undecodable files are left in place and named in the skip reason and the log.",
+    description="Watches data/incoming/<category name or 0-based id>/ for files no run has looked at yet (by "
+    "path, size and mtime; it opens none) and launches add_user_photos for them (only user_photos until "
+    "flower_shards exists), which hashes and decodes them. Files still being written wait; unknown categories, "
+    "symlinks, files over the size limit and files a run found undecodable or conflicting are left in place "
+    "and named in the skip reason and the log.",
 )
 def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineStorage) -> SensorResult:
-    scan = incoming.scan_incoming(storage.path())
+    scan = incoming.scan_incoming(storage.path())  # lists; opens no file under incoming/
     problems = [[s.original, s.reason] for s in scan.rejected]
     # The cursor remembers which problems were logged, so a file left in place is warned about once, not every tick.
     cursor = json.dumps({"rejected": len(problems), "digest": _digest(json.dumps(problems))})
     if problems and cursor != context.cursor:
         for original, reason in problems:
             context.log.warning(f"left in place: {original}: {reason}")
-    if not scan.new:
+    files = scan.to_read
+    if not files:
         reason = (f"no new photos in {storage.incoming_dir} ({scan.known} taken in earlier, "
                   f"{len(scan.duplicates)} duplicates)")
+        if scan.waiting:
+            reason += (f"; {len(scan.waiting)} files still being written (modified in the last "
+                       f"{incoming.DEFAULT_SETTLE_S:g} s), looked at on a later tick: {_listing(scan.waiting)}")
         if scan.rejected:
             reason += f"; {len(scan.rejected)} files left in place: {_listing(scan.rejected)}"
         return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)
@@ -65,11 +74,11 @@ def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineSt
     shards_built = context.instance.get_latest_materialization_event(AssetKey("flower_shards")) is not None
     # Before the first prepare_data there are no shards to add the photos to: take them in now, shard them then.
     selection = USER_PHOTO_ASSETS if shards_built else ["user_photos"]
-    context.log.info(f"{len(scan.new)} new photos ({len(scan.rejected)} files left in place): "
-                     f"materialising {', '.join(selection)}")
+    context.log.info(f"{len(files)} new files to take in ({len(scan.rejected)} left in place, {len(scan.waiting)} "
+                     f"still being written): materialising {', '.join(selection)}")
     request = RunRequest(
-        run_key=new_photos_run_key(scan.new_hashes),
+        run_key=new_photos_run_key(files),
         asset_selection=[AssetKey(name) for name in selection],
-        tags={"plant_pipeline/new_photos": str(len(scan.new))},
+        tags={"plant_pipeline/new_photos": str(len(files))},
     )
     return SensorResult(run_requests=[request], cursor=cursor)

@@ -29,24 +29,49 @@ class UserPhotosConfig(Config):
         description="The split photos taken in by this run join: train (the default), validation or test. "
         "Photos taken in earlier keep theirs.",
     )
+    max_photo_mb: float = Field(
+        default=incoming.DEFAULT_MAX_BYTES / 1e6,
+        gt=0,
+        description="Files larger than this many megabytes (10^6 bytes) are left in place unread, with the reason. "
+        "incoming_photos_sensor applies the default.",
+    )
+    settle_seconds: float = Field(
+        default=incoming.DEFAULT_SETTLE_S,
+        ge=0,
+        description="A file modified less than this many seconds ago may still be being written: it waits for a "
+        "later run.",
+    )
 
 
 @asset(
     group_name="data",
     code_version="1",
     kinds={"python", "parquet"},
-    description="Photos from data/incoming/<category name or 0-based id>/: decoded, taken in once each by "
-    "sha256, copied to data/user_photos/ with a ledger and a manifest (source 'user'). Unknown categories and "
-    "undecodable files are reported and left in place.",
+    description="Photos from data/incoming/<category name or 0-based id>/ (subfolders too): decoded, taken in "
+    "once each by sha256, copied to data/user_photos/ with a manifest (source 'user') and, last, a ledger. "
+    "Unknown categories, symlinks, oversized, undecodable and conflicting files are reported and left in place; "
+    "files still being written wait.",
 )
 @locked_output
 def user_photos(
     context: AssetExecutionContext, config: UserPhotosConfig, storage: PipelineStorage
 ) -> MaterializeResult:
     storage.incoming_dir.mkdir(parents=True, exist_ok=True)  # so that people see where photos go
-    result = incoming.ingest(storage.path(), split=config.split)
+    max_bytes = int(config.max_photo_mb * 1e6)
+    with incoming.intake(storage.path(), config.split, max_bytes=max_bytes, settle_s=config.settle_seconds) as result:
+        # Everything that can fail runs inside the block: the ledger is written only when it ends cleanly.
+        metadata = _report(context, storage, result)
+    context.log.info(f"{len(result.added)} new photos taken in; {len(result.photos)} user photos in all")
+    # The manifest's hash: flower_shards goes stale only when the set of user photos really changed.
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(result.manifest_path)[:16]))
+
+
+def _report(context: AssetExecutionContext, storage: PipelineStorage, result: incoming.IngestResult) -> dict:
+    """The log lines and the materialisation's metadata for one intake."""
     for item in result.rejected:
         context.log.warning(f"left in place: {item.original}: {item.reason}")
+    for item in result.waiting:
+        context.log.info(f"not yet: {item.original}: {item.reason}")
     for item in result.scan.duplicates:
         context.log.info(f"not taken in again: {item.original}: {item.reason}")
     manifest = incoming.user_manifest(result.photos)
@@ -54,6 +79,7 @@ def user_photos(
         "new_photos": len(result.added),
         "duplicates": len(result.scan.duplicates),
         "rejected": len(result.rejected),
+        "waiting": len(result.waiting),
         "already_taken_in": result.scan.known,
         "num_photos": len(result.photos),
         "photos_per_split": MetadataValue.json(manifest["split"].value_counts().to_dict()),
@@ -65,10 +91,9 @@ def user_photos(
     if result.added:
         added = pd.DataFrame(result.added)[["image_id", "original", "name", "label", "split", "path"]]
         metadata["taken_in"] = table(added, limit=_LISTED)
-    skipped = [("rejected", s) for s in result.rejected] + [("duplicate", s) for s in result.scan.duplicates]
+    skipped = ([("rejected", s) for s in result.rejected] + [("waiting", s) for s in result.waiting]
+               + [("duplicate", s) for s in result.scan.duplicates])
     if skipped:
         rows = pd.DataFrame([{"file": s.original, "outcome": kind, "reason": s.reason} for kind, s in skipped])
         metadata["left_in_place"] = table(rows, limit=_LISTED)
-    context.log.info(f"{len(result.added)} new photos taken in; {len(result.photos)} user photos in all")
-    # The manifest's hash: flower_shards goes stale only when the set of user photos really changed.
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(result.manifest_path)[:16]))
+    return metadata
