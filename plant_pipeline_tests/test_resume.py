@@ -119,22 +119,25 @@ def test_resumed_and_finished_runs_give_the_uninterrupted_weights(spec, one_shar
     assert rebuilt.final_validation_loss == pytest.approx(whole.final_validation_loss, abs=1e-6)
 
 
-def test_weights_that_do_not_fit_the_model_fail_naming_file_and_keys(spec, tmp_path):
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_weights_that_do_not_fit_the_model_fail_naming_file_and_keys(spec, tmp_path, use_lora):
     from transformers import TrainingArguments
 
-    model = spec.load_model()
+    from plant_pipeline.ml.train import _configure_trainable
+
+    model = _configure_trainable(spec.load_model(), TrainConfig(use_lora=use_lora, **RUN))
     model.save_pretrained(tmp_path / "ck")
-    weights_file = tmp_path / "ck" / "model.safetensors"
+    weights_file = tmp_path / "ck" / ("adapter_model.safetensors" if use_lora else "model.safetensors")
     weights = load_file(weights_file)
-    dropped = "language_model.model.norm.weight"
-    assert dropped in weights
-    weights["language_model.model.surplus.weight"] = weights.pop(dropped)
+    dropped = next(k for k in weights if k.endswith(("norm.weight", "v_proj.lora_A.weight")))
+    weights[dropped.replace(".weight", ".surplus")] = weights.pop(dropped)
     save_file(weights, weights_file, metadata={"format": "pt"})
     trainer = CustomTrainer(model=model, args=TrainingArguments(tmp_path / "out", report_to="none", use_cpu=True))
     with pytest.raises(CheckpointError) as caught:
         trainer._load_from_checkpoint(str(tmp_path / "ck"))
     message = str(caught.value)
-    assert str(tmp_path / "ck") in message and "norm.weight" in message and "surplus.weight" in message
+    assert str(weights_file) in message and "missing keys" in message and "unexpected keys" in message
+    assert dropped.rsplit(".", 2)[-2] in message and ".surplus" in message
 
 
 # ---- damaged checkpoints --------------------------------------------------------------------------

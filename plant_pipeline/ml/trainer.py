@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 
 from .collate import LOGIT_POSITIONS, MODEL_INPUTS, SAMPLE_KEYS
 from .pixels import PixelNormalizer
@@ -262,8 +262,9 @@ class CustomTrainer(Trainer):
         if isinstance(model, PeftModel):
             _check_adapter_keys(model, folder)
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not isinstance(model, PreTrainedModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         _load_full_weights(model, folder)
-
 
     # ---- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
