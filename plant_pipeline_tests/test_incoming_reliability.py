@@ -89,10 +89,11 @@ class _ReadCounter:
 def test_a_tick_over_10000_new_files_reads_none_of_them(tmp_path, monkeypatch):
     folder = tmp_path / "incoming" / "rose"
     folder.mkdir(parents=True)
-    for i in range(10_000):
-        path = folder / f"IMG_{i:05d}.jpg"
-        path.write_bytes(b"\xff\xd8\xff" + i.to_bytes(4, "big"))
-        _settled(path)
+    first = folder / "IMG_00000.jpg"
+    first.write_bytes(b"\xff\xd8\xff\xe0 a photo")
+    _settled(first)
+    for i in range(1, 10_000):  # hard links: 10,000 files to list, written in a fraction of the time
+        os.link(first, folder / f"IMG_{i:05d}.jpg")
     inbox = str(tmp_path / "incoming")
 
     def refuse(*args, **kwargs):
@@ -300,3 +301,47 @@ def test_a_non_image_is_sniffed_by_its_header_and_remembered(tmp_path, monkeypat
     with instance_for_test() as instance:
         tick = _tick(tmp_path, instance)
     assert not tick.run_requests and "archive.jpg: not an image" in tick.skip_reason.skip_message
+
+
+def test_no_run_reads_an_unchanged_file_twice(tmp_path, monkeypatch):
+    data = _photo(tmp_path / "incoming" / "rose" / "a.jpg", 1)
+    copy = tmp_path / "incoming" / "daffodil" / "copy.jpg"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(data)  # the same bytes under another category: refused, remembered by its hash
+    _settled(copy)
+    (tmp_path / "incoming" / "rose" / "again.jpg").write_bytes(data)  # a plain duplicate
+    _settled(tmp_path / "incoming" / "rose" / "again.jpg")
+    counter = _ReadCounter(monkeypatch)
+    first = incoming.ingest(tmp_path)
+    assert first.added == [] and set(counter.read) == {"a.jpg", "copy.jpg", "again.jpg"}
+
+    counter.read.clear()
+    second = incoming.ingest(tmp_path)
+    assert counter.read == {} and len(second.rejected) == 3
+    copy.unlink()  # resolved: a.jpg is taken in, again.jpg is its duplicate, from what the ledger remembers
+    third = incoming.ingest(tmp_path)
+    assert [p["original"] for p in third.added] == ["incoming/rose/a.jpg"]
+    assert [d.original for d in third.scan.duplicates] == ["incoming/rose/again.jpg"]
+    assert set(counter.read) == {"a.jpg"}, "read once more, to be copied"
+
+
+def test_a_file_with_an_mtime_in_the_future_does_not_wait_forever(tmp_path):
+    path = tmp_path / "incoming" / "rose" / "from-a-camera-with-a-wrong-clock.jpg"
+    _photo(path, 1)
+    later = time.time_ns() + 3600 * 10**9  # a timestamp an archive preserved
+    os.utime(path, ns=(later, later))
+    assert len(incoming.ingest(tmp_path).added) == 1
+
+
+def test_a_ledger_of_format_1_is_read_and_extended(tmp_path):
+    data = _photo(tmp_path / "incoming" / "rose" / "a.jpg", 1)
+    stat = (tmp_path / "incoming" / "rose" / "a.jpg").stat()
+    old = {"image_id": 1_000_001, "sha256": _sha(data), "label": 73, "name": "rose", "split": "train",
+           "source": "user", "path": f"user_photos/{_sha(data)}.jpg", "original": "incoming/rose/a.jpg",
+           "original_bytes": stat.st_size, "original_mtime_ns": stat.st_mtime_ns, "added_at": "2026-01-01T00:00:00"}
+    incoming.ledger_path(tmp_path).parent.mkdir(parents=True)
+    incoming.ledger_path(tmp_path).write_text(json.dumps({"format_version": 1, "photos": [old]}))
+    _photo(tmp_path / "incoming" / "rose" / "b.jpg", 2)
+    result = incoming.ingest(tmp_path)
+    assert (result.scan.known, [p["image_id"] for p in result.added]) == (1, [1_000_002])
+    assert json.loads(incoming.ledger_path(tmp_path).read_text())["format_version"] == incoming.LEDGER_FORMAT_VERSION

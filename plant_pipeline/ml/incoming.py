@@ -227,10 +227,6 @@ class Scan:
     seen: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
-    def new_hashes(self) -> list[str]:
-        return sorted(f.sha256 for f in self.new)
-
-    @property
     def to_read(self) -> list[tuple[str, int, int]]:
         """(original, size, mtime_ns) of every file a run would read: the pending and the new, sorted."""
         return sorted([p.key for p in self.pending] + [(f.original, f.size, f.mtime_ns) for f in self.new])
@@ -404,7 +400,7 @@ def _scan(data_root: Path, photos: list[dict[str, Any]], seen: dict[str, dict[st
     unchanged = {(p["original"], p["original_bytes"], p["original_mtime_ns"]) for p in photos}
     listed, refused = list_incoming(data_root)
     scan = Scan(rejected=refused)
-    settled_before = time.time_ns() - int(settle_s * 1e9)
+    now, settle_ns = time.time_ns(), int(settle_s * 1e9)
     hashed: list[tuple[Listed, str]] = []
     for item in listed:
         if item.key in unchanged:
@@ -415,10 +411,12 @@ def _scan(data_root: Path, photos: list[dict[str, Any]], seen: dict[str, dict[st
                                          "shrink it, or raise the limit for a run"))
         elif item.size == 0:
             scan.rejected.append(Skipped(item.original, "empty file"))
-        elif item.mtime_ns > settled_before:
+        # Modified within settle_s of now: a writer may still be at it. (An mtime far in the future is a
+        # preserved, wrong timestamp, not a file being written; the read checks the file did not change.)
+        elif abs(now - item.mtime_ns) < settle_ns:
             scan.waiting.append(Skipped(item.original, f"modified in the last {settle_s:g} s, perhaps still being "
                                         "written: looked at once it has stopped changing"))
-        elif (memo := seen.get(item.original)) and (memo.get("bytes"), memo.get("mtime_ns")) == item.key[1:]:
+        elif (memo := _remembered(seen, item)) is not None:
             scan.seen[item.original] = memo
             if memo.get("reason"):
                 scan.rejected.append(Skipped(item.original, memo["reason"]))
@@ -443,6 +441,14 @@ def _scan(data_root: Path, photos: list[dict[str, Any]], seen: dict[str, dict[st
             hashed.append((item, digest))
     _sort_by_content(hashed, taken, scan)
     return scan
+
+
+def _remembered(seen: dict[str, dict[str, Any]], item: Listed) -> dict[str, Any] | None:
+    """What an earlier run learnt of this file (its hash, or why it was refused), if it has not changed since."""
+    memo = seen.get(item.original)
+    if not isinstance(memo, dict) or (memo.get("bytes"), memo.get("mtime_ns")) != (item.size, item.mtime_ns):
+        return None
+    return memo if memo.get("reason") or memo.get("sha256") else None
 
 
 def _sort_by_content(hashed: list[tuple[Listed, str]], taken: dict[str, dict[str, Any]], scan: Scan) -> None:
