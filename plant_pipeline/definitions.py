@@ -20,6 +20,7 @@ from plant_pipeline.defs.automation import (
     train_and_evaluate_job,
 )
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.run_health import dead_run_reaper, health_checked_executor
 from plant_pipeline.defs.sensors import incoming_photos_sensor
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL
 
@@ -35,7 +36,8 @@ def build_definitions(data_dir: str | None = None, model_name: str | None = None
         resources={"storage": storage, "model": model},
         jobs=[prepare_data_job, add_user_photos_job, train_and_evaluate_job, full_pipeline_job],
         schedules=[retraining_schedule],
-        sensors=[incoming_photos_sensor],
+        sensors=[incoming_photos_sensor, dead_run_reaper],
+        executor=health_checked_executor,  # runs record their worker; dead runs' pool slots are freed
     )
 
 

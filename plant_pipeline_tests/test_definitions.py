@@ -5,10 +5,11 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from dagster import AssetKey, Config, Definitions
+from dagster import AssetKey, Config, DefaultSensorStatus, Definitions, validate_run_config
 
 from plant_pipeline.definitions import build_definitions, defs
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.run_health import health_checked_executor
 
 LINEAGE = {
     "oxford_flowers": set(),
@@ -24,6 +25,7 @@ CHECKS = {
     ("flower_shards", "shards_class_coverage"),
     ("flower_shards", "shards_no_leakage"),
     ("flower_shards", "shards_exactness"),
+    ("flower_shards", "shards_quarantine_rate"),
     ("model_evaluation", "accuracy_floor"),
     ("model_evaluation", "no_regression"),
     ("model_evaluation", "coverage"),
@@ -113,3 +115,18 @@ def test_build_definitions_reads_the_environment(monkeypatch):
     assert built.resources["model"].model_name == "some-org/some-llava"
     # Explicit arguments win over the environment.
     assert build_definitions(data_dir="here").resources["storage"].data_dir == "here"
+
+
+@pytest.mark.parametrize("job_name", ["__ASSET_JOB", "prepare_data", "add_user_photos", "train_and_evaluate",
+                                      "full_pipeline"])
+def test_every_job_records_its_worker_so_a_killed_run_frees_its_slots(job_name):
+    job = defs.resolve_implicit_global_asset_job_def() if job_name == "__ASSET_JOB" else defs.resolve_job_def(job_name)
+    assert job.executor_def is health_checked_executor
+    # Same config as Dagster's default executor: existing run configs (execution: in_process) still validate.
+    assert validate_run_config(job, {"execution": {"config": {"in_process": {}}}}) if job_name == "prepare_data" else True
+
+
+def test_the_dead_run_reaper_runs_by_default():
+    sensor = defs.resolve_sensor_def("dead_run_reaper")
+    assert sensor.default_status == DefaultSensorStatus.RUNNING
+    assert not sensor.targets, "housekeeping: it launches nothing"

@@ -14,8 +14,10 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from plant_pipeline.defs.assets.flowers import category_map
+from plant_pipeline.defs.assets.shards import flower_shards
+from plant_pipeline.defs.assets.training import trained_model
 from plant_pipeline.defs.locks import LOCK_WAIT_ENV
-from plant_pipeline.defs.resources import PipelineStorage
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.locking import OutputLockedError, output_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,15 +26,15 @@ HOLDER = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from plant_pipeline.ml.locking import output_lock
-with output_lock({path!r}, owner="the holder run"):
+with output_lock({path!r}, owner={owner!r}, shared={shared}):
     print("held", flush=True)
     time.sleep({hold})
 """
 
 
-def _start_holder(path: Path, hold: float) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", HOLDER.format(repo=str(REPO), path=str(path), hold=hold)],
-                             stdout=subprocess.PIPE, text=True)
+def _start_holder(path: Path, hold: float, shared: bool = False, owner: str = "the holder run") -> subprocess.Popen:
+    script = HOLDER.format(repo=str(REPO), path=str(path), hold=hold, shared=shared, owner=owner)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "held"
     return child
 
@@ -100,3 +102,65 @@ def test_a_second_run_of_an_asset_waits_for_the_first_then_fails_with_a_clear_me
     assert done.success and (tmp_path / "category_map.json").is_file()
     logs = [r.user_message for r in instance.all_logs(done.run_id)]
     assert any("waiting for run 5678 (category_map)" in m for m in logs), logs
+
+
+def test_readers_share_the_lock_and_a_writer_waits_for_them_then_fails_naming_them(tmp_path):
+    lock = tmp_path / "shards.lock"
+    reader = _start_holder(lock, hold=60, shared=True, owner="run 42 (trained_model)")
+    try:
+        with output_lock(lock, owner="another reader", wait_s=0, shared=True):
+            pass  # readers do not exclude each other
+        with pytest.raises(OutputLockedError, match=r"shards is being read by run 42 \(trained_model\) \(pid \d+ on .*, "
+                                                    r"reading, since"):
+            with output_lock(lock, owner="run 7 (flower_shards)", wait_s=0.3, poll_s=0.1, what="shards"):
+                pytest.fail("written while being read")
+    finally:
+        reader.kill()
+        reader.wait()
+    # The reader was killed before it could remove its note: the next writer proceeds and clears it.
+    with output_lock(lock, owner="run 7 (flower_shards)", wait_s=0):
+        assert not list(tmp_path.glob("shards.lock.readers/*.json"))
+
+
+def test_a_reader_waits_for_the_writer_then_fails_naming_it(tmp_path):
+    lock = tmp_path / "shards.lock"
+    writer = _start_holder(lock, hold=60, owner="run 7 (flower_shards)")
+    try:
+        with pytest.raises(OutputLockedError, match=r"shards is being written by run 7 \(flower_shards\)"):
+            with output_lock(lock, owner="run 42 (trained_model)", wait_s=0.3, poll_s=0.1, what="shards",
+                             shared=True):
+                pytest.fail("read while being written")
+    finally:
+        writer.kill()
+        writer.wait()
+    with output_lock(lock, owner="run 42 (trained_model)", wait_s=0, shared=True):
+        pass
+
+
+def _step_error(result) -> str:
+    [error] = [e.event_specific_data.error for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    return str(error.message) + "".join(str(c.message) for c in (error.cause, error.context) if c)
+
+
+def test_flower_shards_and_trained_model_exclude_each_other(tmp_path, monkeypatch):
+    """Neither asset's body runs while the other holds the shards: both fail before touching a file."""
+    storage = PipelineStorage(data_dir=str(tmp_path))
+    model = ModelResource(model_name="tiny-random-llava", local_files_only=True, device="cpu")
+    resources = {"storage": storage, "model": model}
+    lock = storage.path("locks", "flower_shards.lock")
+    monkeypatch.setenv(LOCK_WAIT_ENV, "0.3")
+    instance = DagsterInstance.ephemeral()
+
+    with output_lock(lock, owner="run 42 (trained_model)", shared=True):
+        rebuild = materialize([flower_shards], resources=resources, instance=instance, raise_on_error=False)
+    assert not rebuild.success
+    assert "asset flower_shards" in _step_error(rebuild) and "being read by run 42 (trained_model)" in _step_error(rebuild)
+
+    with output_lock(lock, owner="run 7 (flower_shards)"):
+        training = materialize([trained_model], resources=resources, instance=instance, raise_on_error=False)
+    assert not training.success
+    assert "being written by run 7 (flower_shards)" in _step_error(training)
+    assert not storage.path("checkpoints").exists() and not storage.path("models").exists()
+    # Waiting for flower_shards, training held its own lock: released with the failure, nothing left behind.
+    with output_lock(storage.path("locks", "trained_model.lock"), owner="next", wait_s=0):
+        pass

@@ -4,8 +4,12 @@ The asset writes a run file and starts ``python -m plant_pipeline.ml.train_cli``
 with ``nproc_per_node`` ranks); progress lines and the final metadata come back through Dagster Pipes, so
 the Dagster process never loads the model. The child's output is teed to ``<checkpoints>/launch/train.log``;
 a child that fails turns into a Failure with its exit code and the last lines of that log.
+
+The asset holds its own output's lock and the shards' lock shared for the whole training, so flower_shards cannot
+rebuild the shards under it. The child dies with the Dagster process (Linux) and holds both locks while it lives.
 """
 
+import ctypes
 import hashlib
 import json
 import os
@@ -30,7 +34,7 @@ from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
-from plant_pipeline.defs.locks import locked_output
+from plant_pipeline.defs.locks import asset_lock
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
@@ -39,6 +43,9 @@ from plant_pipeline.ml.train import TrainConfig
 from plant_pipeline.ml.train_cli import ENTRY_MODULE, RunFile
 
 LOG_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Resolved here, not in the forked child, which should run as little Python as it can before exec.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 TrainedModelConfig = config_from_dataclass(
     "TrainedModelConfig", TrainConfig, "Fine-tuning settings; the same config with the same shards resumes.",
@@ -68,6 +75,26 @@ def launch_command(nproc_per_node: int, *args: str) -> list[str]:
             "-m", ENTRY_MODULE, *args]
 
 
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when the launching process dies (Linux).
+
+    A Dagster run killed with SIGKILL (OOM killer, closed terminal, container restart) otherwise leaves the
+    training running, writing checkpoints. SIGTERM, not SIGKILL, so torchrun stops its ranks before it exits.
+    The signal fires when the launching *thread* exits: Popen and the wait for the child share one thread.
+    Elsewhere (macOS has no prctl) it is None and an orphan trains on, but keeps the locks it inherited.
+    """
+    if _prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
 class TeeingPipesSubprocessClient(PipesSubprocessClient):
     """PipesSubprocessClient that also tees the child's stdout+stderr to a log file and keeps its tail.
 
@@ -76,10 +103,11 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
     non-zero exit raises a Failure holding the exit code and the last ``tail_lines`` lines.
     """
 
-    def __init__(self, log_path: Path, tail_lines: int = LOG_TAIL_LINES, **kwargs):
+    def __init__(self, log_path: Path, tail_lines: int = LOG_TAIL_LINES, pass_fds: tuple[int, ...] = (), **kwargs):
         super().__init__(**kwargs)
         self.log_path = Path(log_path)
         self.tail_lines = tail_lines
+        self.pass_fds = tuple(pass_fds)  # lock files the child inherits, so an orphaned child still holds them
 
     def run(self, *, context, command, extras=None, env=None, cwd=None) -> PipesClientCompletedInvocation:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +117,8 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
             process = subprocess.Popen(
                 command, cwd=cwd or self.cwd, env={**os.environ, **self.env, **(env or {}),
                                                    **session.get_bootstrap_env_vars()},
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1)
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
+                pass_fds=self.pass_fds, preexec_fn=die_with_parent())
             try:
                 with self.log_path.open("w") as log:
                     for line in process.stdout:
@@ -126,10 +155,17 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
     "its metadata shows the losses, speed, memory and a loss curve. Trains in a separate process "
     "(nproc_per_node DDP ranks) launched through Dagster Pipes.",
 )
-@locked_output
 def trained_model(
     context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage, model: ModelResource
 ) -> MaterializeResult:
+    # Its own output written by one run at a time; the shards read under a shared lock for the whole training, so
+    # flower_shards waits for it (then fails naming this run) and it waits while shards are being written.
+    with asset_lock(context, storage) as own, asset_lock(context, storage, "flower_shards", shared=True) as shards:
+        return _train(context, config, storage, model, lock_fds=(own.fileno(), shards.fileno()))
+
+
+def _train(context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage,
+           model: ModelResource, lock_fds: tuple[int, ...]) -> MaterializeResult:
     train_config = to_dataclass(TrainConfig, config)  # validated here too: a bad setting fails before any launch
     if config.nproc_per_node < 1:
         raise Failure(f"nproc_per_node must be at least 1; got {config.nproc_per_node}")
@@ -148,7 +184,7 @@ def trained_model(
     result_path.unlink(missing_ok=True)
     command = launch_command(config.nproc_per_node, "--config", str(launch_dir / "run.json"),
                              "--result", str(result_path))
-    client = TeeingPipesSubprocessClient(log_path=launch_dir / "train.log")
+    client = TeeingPipesSubprocessClient(log_path=launch_dir / "train.log", pass_fds=lock_fds)
     # The package root on the child's path, so the entry point imports even where the project is not installed.
     root = str(Path(__file__).resolve().parents[3])
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
