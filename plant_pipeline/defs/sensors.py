@@ -65,8 +65,10 @@ def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineSt
         reason = (f"no new photos in {storage.incoming_dir} ({scan.known} taken in earlier, "
                   f"{len(scan.duplicates)} duplicates)")
         if scan.waiting:
+            names = ", ".join(s.original for s in scan.waiting[:_LISTED])
+            more = f" and {len(scan.waiting) - _LISTED} more" if len(scan.waiting) > _LISTED else ""
             reason += (f"; {len(scan.waiting)} files still being written (modified in the last "
-                       f"{incoming.DEFAULT_SETTLE_S:g} s), looked at on a later tick: {_listing(scan.waiting)}")
+                       f"{incoming.DEFAULT_SETTLE_S:g} s), looked at on a later tick: {names}{more}")
         if scan.rejected:
             reason += f"; {len(scan.rejected)} files left in place: {_listing(scan.rejected)}"
         return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)

@@ -463,7 +463,8 @@ def _sort_by_content(hashed: list[tuple[Listed, str]], taken: dict[str, dict[str
                 if photo["original"] == item.original:  # the same file, touched since: nothing new
                     scan.known += 1
                     continue
-                reason = f"same content as {photo['original']}, taken in on {photo['added_at'][:10]} as {photo['name']!r}"
+                reason = (f"same content as {photo['original']}, taken in on {photo['added_at'][:10]} as "
+                          f"{photo['name']!r}")
                 if item.label != photo["label"]:
                     reason += f" (this copy's folder says {CATEGORY_NAMES[item.label]!r})"
                 scan.duplicates.append(Skipped(item.original, reason))
