@@ -345,3 +345,16 @@ def test_a_ledger_of_format_1_is_read_and_extended(tmp_path):
     result = incoming.ingest(tmp_path)
     assert (result.scan.known, [p["image_id"] for p in result.added]) == (1, [1_000_002])
     assert json.loads(incoming.ledger_path(tmp_path).read_text())["format_version"] == incoming.LEDGER_FORMAT_VERSION
+
+
+def test_new_files_wait_while_an_intake_run_is_in_flight(tmp_path):
+    from dagster import DagsterRunStatus
+    from dagster._core.test_utils import create_run_for_test
+
+    _photo(tmp_path / "incoming" / "rose" / "a.jpg", 1)
+    with instance_for_test() as instance:
+        run = create_run_for_test(instance, job_name="add_user_photos", status=DagsterRunStatus.STARTED)
+        busy = _tick(tmp_path, instance)
+        assert not busy.run_requests and run.run_id in busy.skip_reason.skip_message
+        instance.report_run_failed(run)
+        assert _tick(tmp_path, instance).run_requests, "launched once that run has ended"

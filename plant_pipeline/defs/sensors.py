@@ -11,8 +11,10 @@ import json
 
 from dagster import (
     AssetKey,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -25,6 +27,8 @@ from plant_pipeline.ml import incoming
 
 INTERVAL_SECONDS = 60
 _LISTED = 10  # files named in a skip reason; the count says how many there were
+_IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+              DagsterRunStatus.STARTED]
 
 
 def _digest(text: str) -> str:
@@ -72,6 +76,15 @@ def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineSt
         if scan.rejected:
             reason += f"; {len(scan.rejected)} files left in place: {_listing(scan.rejected)}"
         return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)
+
+    # One intake at a time: a drop still being copied in then makes one more run when this one ends, not one
+    # run (and one shard rebuild) per tick, each queued behind the intake lock.
+    in_flight = context.instance.get_runs(RunsFilter(job_name=add_user_photos_job.name, statuses=_IN_FLIGHT), limit=1)
+    if in_flight:
+        run = in_flight[0]
+        return SensorResult(skip_reason=SkipReason(
+            f"{len(files)} new files wait for run {run.run_id} of {add_user_photos_job.name} "
+            f"({run.status.value.lower()}) to finish"), cursor=cursor)
 
     shards_built = context.instance.get_latest_materialization_event(AssetKey("flower_shards")) is not None
     # Before the first prepare_data there are no shards to add the photos to: take them in now, shard them then.
