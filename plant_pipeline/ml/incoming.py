@@ -3,9 +3,9 @@ content hash.
 
 A taken-in photo is copied (never moved) to ``<data>/user_photos/<sha256>.<ext>`` and recorded in the ledger
 ``user_photos/ledger.json``, from which ``user_photos/manifest.parquet`` (the Oxford manifest's columns,
-source "user") is rewritten. Files with an unknown category, symlinks, files over the size limit or still
-being written, and files that do not decode are reported and left where they are; nothing under
-``incoming/`` is ever modified. Listing is cheap (a stat per file) and reads no photo: the sensor does only
+source "user") is rewritten. Files with an unknown category, symlinks, files over the size limit, files that
+do not decode and the same content under two categories are reported and left where they are; files still
+being written wait; nothing under ``incoming/`` is ever modified. Listing is cheap (a stat per file) and reads no photo: the sensor does only
 that; the run hashes and decodes, and the ledger remembers each file's outcome by path, size and mtime so
 that an unchanged file is never read twice.
 """
