@@ -16,6 +16,7 @@ import pytest
 from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
 from dagster._core.storage.dagster_run import DagsterRun
 
+from plant_pipeline.defs.assets.training import die_with_parent
 from plant_pipeline.defs.run_health import WORKER_TAG, dead_run_reaper, process_start, worker_gone, worker_tag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,20 +139,22 @@ def test_a_run_killed_while_holding_the_gpu_slot_does_not_block_the_next(tmp_pat
     assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0
 
 
-LAUNCHER = """
-import subprocess, sys, time
-sys.path.insert(0, {repo!r})
-from plant_pipeline.defs.assets.training import die_with_parent
-child = subprocess.Popen({command!r}, preexec_fn=die_with_parent(), stdout=sys.stdout)
-time.sleep(120)
-"""
 WORKER = "import os, time; print(os.getpid(), flush=True); time.sleep(120)"
 
 
-def _launch(command: list[str], ranks: int) -> tuple[subprocess.Popen, list[int]]:
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER.format(repo=str(REPO), command=command)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    pids = [int(launcher.stdout.readline()) for _ in range(ranks)]
+def _launch(command: list[str], ranks: int) -> tuple[int, list[int]]:
+    """A forked copy of this process starts ``command`` as trained_model does; returns its pid and the workers'."""
+    read, write = os.pipe()
+    launcher = os.fork()  # cheaper than a fresh interpreter importing dagster
+    if launcher == 0:
+        try:
+            subprocess.Popen(command, preexec_fn=die_with_parent(), stdout=write, stderr=subprocess.DEVNULL)
+            time.sleep(120)
+        finally:
+            os._exit(1)
+    os.close(write)
+    with os.fdopen(read) as lines:
+        pids = [int(lines.readline()) for _ in range(ranks)]
     return launcher, pids
 
 
@@ -167,11 +170,11 @@ def test_the_training_child_dies_when_its_launcher_is_killed(tmp_path, ranks):
                    str(script)]
     launcher, workers = _launch(command, ranks)
     try:
-        launcher.send_signal(signal.SIGKILL)
-        launcher.wait(timeout=10)
+        os.kill(launcher, signal.SIGKILL)
+        os.waitpid(launcher, 0)
         # torchrun gets SIGTERM and stops its ranks first; a lone child gets SIGTERM and exits.
         assert all(_gone(pid, within_s=30) for pid in workers), "a training process outlived its launcher"
     finally:
-        _kill(launcher.pid)
+        _kill(launcher)
         for pid in workers:
             _kill(pid)
