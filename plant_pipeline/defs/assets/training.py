@@ -119,6 +119,7 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
                                                    **session.get_bootstrap_env_vars()},
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
                 pass_fds=self.pass_fds, preexec_fn=die_with_parent())
+            context.log.info(f"training process pid {process.pid}: {' '.join(command)}")
             try:
                 with self.log_path.open("w") as log:
                     for line in process.stdout:
