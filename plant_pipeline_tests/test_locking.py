@@ -110,8 +110,8 @@ def test_readers_share_the_lock_and_a_writer_waits_for_them_then_fails_naming_th
     try:
         with output_lock(lock, owner="another reader", wait_s=0, shared=True):
             pass  # readers do not exclude each other
-        with pytest.raises(OutputLockedError, match=r"shards is being read by run 42 \(trained_model\) \(pid \d+ on .*, "
-                                                    r"reading, since"):
+        named = r"shards is being read by run 42 \(trained_model\) \(pid \d+ on .*, reading, since"
+        with pytest.raises(OutputLockedError, match=named):
             with output_lock(lock, owner="run 7 (flower_shards)", wait_s=0.3, poll_s=0.1, what="shards"):
                 pytest.fail("written while being read")
     finally:
@@ -154,7 +154,8 @@ def test_flower_shards_and_trained_model_exclude_each_other(tmp_path, monkeypatc
     with output_lock(lock, owner="run 42 (trained_model)", shared=True):
         rebuild = materialize([flower_shards], resources=resources, instance=instance, raise_on_error=False)
     assert not rebuild.success
-    assert "asset flower_shards" in _step_error(rebuild) and "being read by run 42 (trained_model)" in _step_error(rebuild)
+    error = _step_error(rebuild)
+    assert "asset flower_shards" in error and "being read by run 42 (trained_model)" in error, error
 
     with output_lock(lock, owner="run 7 (flower_shards)"):
         training = materialize([trained_model], resources=resources, instance=instance, raise_on_error=False)

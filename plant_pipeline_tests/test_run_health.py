@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,14 @@ from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
 from dagster._core.storage.dagster_run import DagsterRun
 
 from plant_pipeline.defs.assets.training import die_with_parent
-from plant_pipeline.defs.run_health import WORKER_TAG, dead_run_reaper, process_start, worker_gone, worker_tag
+from plant_pipeline.defs.run_health import (
+    REAP_INTERVAL_ENV,
+    WORKER_TAG,
+    dead_run_reaper,
+    process_start,
+    worker_gone,
+    worker_tag,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
@@ -107,36 +115,54 @@ def test_the_reaper_fails_runs_whose_worker_died_and_frees_their_slot(instance):
     assert "no run" in dead_run_reaper(build_sensor_context(instance=instance)).skip_message
 
 
-def test_a_run_killed_while_holding_the_gpu_slot_does_not_block_the_next(tmp_path, instance):
-    """dagster asset materialize SIGKILLed mid-step: the next run reaps it, takes the slot and succeeds."""
+def test_a_run_killed_while_holding_the_gpu_slot_does_not_block_the_one_waiting_for_it(tmp_path, instance):
+    """dagster asset materialize SIGKILLed mid-step, no daemon: the run waiting for the slot reaps it and proceeds."""
     location = tmp_path / "location.py"
     location.write_text(LOCATION)
     in_process = tmp_path / "in_process.yaml"
     in_process.write_text("execution:\n  config:\n    in_process: {}\n")
-    env = {**os.environ, "DAGSTER_HOME": str(instance.root_directory),
+    env = {**os.environ, "DAGSTER_HOME": str(instance.root_directory), REAP_INTERVAL_ENV: "0.5",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     command = [DAGSTER, "asset", "materialize", "-f", str(location), "--select", "gpu_holder", "-c", str(in_process)]
-    holder = subprocess.Popen(command, env={**env, "HOLD": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    gpu = instance.event_log_storage.get_concurrency_info
+    processes = []
     try:
-        deadline = time.monotonic() + 90
-        while instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0:
-            assert holder.poll() is None and time.monotonic() < deadline, "the first run never took the gpu slot"
-            time.sleep(0.2)
+        holder = subprocess.Popen(command, env={**env, "HOLD": "1"}, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        processes.append(holder)
+        _wait_for(lambda: gpu("gpu").active_slot_count == 1, holder, "the first run never took the gpu slot")
+        waiter = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        processes.append(waiter)
+        _wait_for(lambda: gpu("gpu").pending_step_count == 1, waiter, "the second run never waited for the slot")
+
         os.killpg(holder.pid, signal.SIGKILL)  # the CLI and anything it started, as the OOM killer or a restart would
         holder.wait(timeout=10)
+        output, _ = waiter.communicate(timeout=90)
+        assert waiter.returncode == 0, output[-3000:]
     finally:
-        _kill(holder.pid)
-    [killed] = instance.get_runs()
-    assert killed.status == DagsterRunStatus.STARTED, "nothing reported the killed run's end"
-
-    follower = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert follower.returncode == 0, follower.stderr[-3000:]
+        for process in processes:
+            _kill(process.pid)
+            process.wait()
     runs = {run.run_id: run for run in instance.get_runs()}
-    assert runs[killed.run_id].status == DagsterRunStatus.FAILURE
-    [next_run] = [run for run in runs.values() if run.run_id != killed.run_id]
-    assert next_run.status == DagsterRunStatus.SUCCESS
-    assert instance.event_log_storage.get_concurrency_info("gpu").active_slot_count == 0
+    [killed] = [run for run in runs.values() if run.run_id != _run_id(output)]
+    assert killed.status == DagsterRunStatus.FAILURE
+    assert runs[_run_id(output)].status == DagsterRunStatus.SUCCESS
+    assert "is gone" in output, "the waiting run's log says whom it failed"
+    assert gpu("gpu").active_slot_count == 0
+
+
+def _wait_for(condition, process: subprocess.Popen, message: str, within_s: float = 90) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, message
+        time.sleep(0.2)
+
+
+def _run_id(cli_output: str) -> str:
+    """The run id the CLI prints on each event line (``... - __ASSET_JOB - <run id> - ...``)."""
+    [run_id] = set(re.findall(r"__ASSET_JOB - ([0-9a-f-]{36}) -", cli_output))
+    return run_id
 
 
 WORKER = "import os, time; print(os.getpid(), flush=True); time.sleep(120)"

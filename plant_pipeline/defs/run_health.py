@@ -4,9 +4,10 @@ A run killed with SIGKILL (OOM killer, closed terminal, container restart) canno
 default run launcher cannot check its worker, so the run stays STARTED and keeps the only slot of pool "gpu":
 every later training waits "blocked by limit for pool gpu" for ever. Every run of this code location records its
 worker (host, pid, process start) in the run tag ``plant_pipeline/run_worker``; ``reap_dead_runs`` fails the
-STARTED runs whose worker on this host is gone and frees their slots. It runs when a run starts (the executor
-below, so a plain ``dagster asset materialize`` heals too), every 30 s in ``dagster dev``'s daemon (the
-``dead_run_reaper`` sensor), and on demand: ``python -m plant_pipeline.defs.run_health``.
+STARTED runs whose worker on this host is gone and frees their slots. Every run does it while it runs (the
+executor below: at its start, then every ``PLANT_PIPELINE_REAP_INTERVAL_S`` seconds, so a plain
+``dagster asset materialize`` waiting for the slot heals without a daemon), ``dagster dev``'s daemon does it every
+30 s (the ``dead_run_reaper`` sensor), and a person can: ``python -m plant_pipeline.defs.run_health``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from dagster import (
 
 WORKER_TAG = "plant_pipeline/run_worker"
 REAPER_INTERVAL_SECONDS = 30
+REAP_INTERVAL_ENV = "PLANT_PIPELINE_REAP_INTERVAL_S"
 # CANCELING too: cancelling a run whose worker is dead never completes.
 _WATCHED = [DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
 _PROC = Path("/proc")
@@ -104,8 +107,29 @@ def reap_dead_runs(instance: DagsterInstance, log: Callable[[str], None] | None 
     return reaped
 
 
+def reap_interval_s() -> float:
+    value = os.environ.get(REAP_INTERVAL_ENV, str(REAPER_INTERVAL_SECONDS))
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{REAP_INTERVAL_ENV} must be a number of seconds; got {value!r}") from None
+
+
+def _reap_until(stop: threading.Event, instance: DagsterInstance, interval_s: float, log) -> None:
+    while True:
+        try:
+            reap_dead_runs(instance, log=log)
+        except Exception as error:  # housekeeping must never fail the run that does it
+            log(f"dead-run reaper: {error!r}")
+        if stop.wait(interval_s):
+            return
+
+
 class _WorkerRecordingExecutor(Executor):
-    """Runs the default executor after tagging the run with its worker and reaping the dead runs before it."""
+    """Runs the default executor with the run tagged with its worker, reaping dead runs while it runs.
+
+    Reaping beside the run, not only at its start, frees a slot this run is already waiting for.
+    """
 
     def __init__(self, inner: Executor):
         self._inner = inner
@@ -121,8 +145,14 @@ class _WorkerRecordingExecutor(Executor):
     def execute(self, plan_context, execution_plan) -> Iterator:
         instance = plan_context.instance
         instance.add_run_tags(plan_context.run_id, {WORKER_TAG: worker_tag()})
-        reap_dead_runs(instance, log=plan_context.log.warning)
-        yield from self._inner.execute(plan_context, execution_plan)
+        stop = threading.Event()
+        reaper = threading.Thread(target=_reap_until, name="dead-run-reaper", daemon=True,
+                                  args=(stop, instance, reap_interval_s(), plan_context.log.warning))
+        reaper.start()
+        try:
+            yield from self._inner.execute(plan_context, execution_plan)
+        finally:
+            stop.set()
 
 
 health_checked_executor = ExecutorDefinition(
@@ -132,7 +162,7 @@ health_checked_executor = ExecutorDefinition(
     executor_creation_fn=lambda init_context: _WorkerRecordingExecutor(
         multi_or_in_process_executor.executor_creation_fn(init_context)),
     description="Dagster's default executor (multiprocess, or in_process by config) that records the run's worker "
-    "process in a run tag and first fails runs whose worker died, freeing their pool slots.",
+    "process in a run tag and, while the run runs, fails runs whose worker died, freeing their pool slots.",
 )
 
 
@@ -146,7 +176,8 @@ health_checked_executor = ExecutorDefinition(
 def dead_run_reaper(context: SensorEvaluationContext) -> SkipReason:
     reaped = reap_dead_runs(context.instance, log=context.log.warning)
     if reaped:
-        return SkipReason(f"failed {len(reaped)} run(s) whose worker is gone and freed their slots: {', '.join(reaped)}")
+        return SkipReason(f"failed {len(reaped)} run(s) whose worker is gone and freed their slots: "
+                          f"{', '.join(reaped)}")
     return SkipReason("no run with a dead worker on this machine")
 
 
