@@ -115,14 +115,16 @@ def reap_interval_s() -> float:
         raise ValueError(f"{REAP_INTERVAL_ENV} must be a number of seconds; got {value!r}") from None
 
 
+def _reap(instance: DagsterInstance, log) -> None:
+    try:
+        reap_dead_runs(instance, log=log)
+    except Exception as error:  # housekeeping must never fail the run that does it
+        log(f"dead-run reaper: {error!r}")
+
+
 def _reap_until(stop: threading.Event, instance: DagsterInstance, interval_s: float, log) -> None:
-    while True:
-        try:
-            reap_dead_runs(instance, log=log)
-        except Exception as error:  # housekeeping must never fail the run that does it
-            log(f"dead-run reaper: {error!r}")
-        if stop.wait(interval_s):
-            return
+    while not stop.wait(interval_s):
+        _reap(instance, log)
 
 
 class _WorkerRecordingExecutor(Executor):
@@ -145,6 +147,7 @@ class _WorkerRecordingExecutor(Executor):
     def execute(self, plan_context, execution_plan) -> Iterator:
         instance = plan_context.instance
         instance.add_run_tags(plan_context.run_id, {WORKER_TAG: worker_tag()})
+        _reap(instance, plan_context.log.warning)  # before the first claim, so it does not report a stale block
         stop = threading.Event()
         reaper = threading.Thread(target=_reap_until, name="dead-run-reaper", daemon=True,
                                   args=(stop, instance, reap_interval_s(), plan_context.log.warning))
