@@ -165,7 +165,7 @@ def _run_id(cli_output: str) -> str:
     return run_id
 
 
-WORKER = "import os, time; print(os.getpid(), flush=True); time.sleep(120)"
+WORKER = "import os, time; print('worker', os.getpid(), flush=True); time.sleep(120)"
 
 
 def _launch(command: list[str], ranks: int) -> tuple[int, list[int]]:
@@ -179,8 +179,17 @@ def _launch(command: list[str], ranks: int) -> tuple[int, list[int]]:
         finally:
             os._exit(1)
     os.close(write)
+    pids = []
     with os.fdopen(read) as lines:
-        pids = [int(lines.readline()) for _ in range(ranks)]
+        for line in lines:  # torchrun writes a banner of its own
+            if line.startswith("worker "):
+                pids.append(int(line.split()[1]))
+            if len(pids) == ranks:
+                break
+    if len(pids) < ranks:
+        _kill(launcher)
+        os.waitpid(launcher, 0)
+        pytest.fail(f"{len(pids)} of {ranks} training processes started")
     return launcher, pids
 
 
