@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -165,7 +166,8 @@ def _run_id(cli_output: str) -> str:
     return run_id
 
 
-WORKER = "import os, time; print('worker', os.getpid(), flush=True); time.sleep(120)"
+# One write(2) per line: two ranks share the pipe, and print() may write its pieces one by one.
+WORKER = "import os, time; os.write(1, f'worker {os.getpid()}\\n'.encode()); time.sleep(120)"
 
 
 def _launch(command: list[str], ranks: int) -> tuple[int, list[int]]:
@@ -179,17 +181,22 @@ def _launch(command: list[str], ranks: int) -> tuple[int, list[int]]:
         finally:
             os._exit(1)
     os.close(write)
-    pids = []
-    with os.fdopen(read) as lines:
-        for line in lines:  # torchrun writes a banner of its own
-            if line.startswith("worker "):
-                pids.append(int(line.split()[1]))
-            if len(pids) == ranks:
-                break
+    pids, seen, deadline = [], b"", time.monotonic() + 60
+    try:
+        # torchrun writes a banner of its own to the same pipe; never wait past the deadline.
+        while len(pids) < ranks and time.monotonic() < deadline:
+            if select.select([read], [], [], 0.2)[0]:
+                chunk = os.read(read, 4096)
+                if not chunk:
+                    break
+                seen += chunk
+                pids = [int(pid) for pid in re.findall(rb"worker (\d+)\n", seen)]
+    finally:
+        os.close(read)
     if len(pids) < ranks:
         _kill(launcher)
         os.waitpid(launcher, 0)
-        pytest.fail(f"{len(pids)} of {ranks} training processes started")
+        pytest.fail(f"{len(pids)} of {ranks} training processes started; they wrote {seen!r}")
     return launcher, pids
 
 
