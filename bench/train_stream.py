@@ -37,6 +37,7 @@ def make_data(work: Path, samples: int, scale: int) -> tuple[Path, dict[int, Pat
     import webdataset as wds
     from transformers import AutoProcessor
 
+    from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
     from plant_pipeline.ml.shard_format import INDEX_FILE, encode_sample, read_index, split_shard_paths
     from plant_pipeline.ml.streaming import make_stream
     from plant_pipeline.ml.tiny_model import TinyLlavaSpec, build_tiny_llava
@@ -59,10 +60,12 @@ def make_data(work: Path, samples: int, scale: int) -> tuple[Path, dict[int, Pat
                     sample.key = f"{sample.key}_c{copy}"
                     writer.write(encode_sample(sample))
                     count += 1
-            shards.append({"file": name, "samples": 50, "bytes": (big / name).stat().st_size, "sha256": ""})
+            # Training verifies every shard against these digests before it starts.
+            shards.append({"file": name, "samples": 50, "bytes": (big / name).stat().st_size,
+                           "sha256": sha256_file(big / name)})
     index["splits"]["train"] = {"samples": count, "bytes": sum(s["bytes"] for s in shards), "quarantined": [],
                                 "shards": shards}
-    (big / INDEX_FILE).write_text(json.dumps(index))
+    atomic_write_json(big / INDEX_FILE, index)
     return model_dir, {1: one, scale: big}
 
 
