@@ -21,6 +21,7 @@ from plant_pipeline.defs.assets.shards import (
     shards_exactness,
     shards_integrity,
     shards_no_leakage,
+    shards_quarantine_rate,
 )
 from plant_pipeline.defs.assets.training import trained_model
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
@@ -29,10 +30,11 @@ from plant_pipeline.ml.flowers import read_manifest
 from plant_pipeline.ml.shard_format import read_index
 
 ASSETS = [oxford_flowers, category_map, category_map_complete, flower_shards, shards_integrity,
-          shards_class_coverage, shards_no_leakage, shards_exactness, trained_model, model_evaluation]
+          shards_class_coverage, shards_no_leakage, shards_quarantine_rate, shards_exactness, trained_model,
+          model_evaluation]
 ASSET_NAMES = ("oxford_flowers", "category_map", "flower_shards", "trained_model", "model_evaluation")
 ALL_CHECKS = {"category_map_complete", "shards_integrity", "shards_class_coverage", "shards_no_leakage",
-              "shards_exactness", "accuracy_floor", "no_regression", "coverage"}
+              "shards_quarantine_rate", "shards_exactness", "accuracy_floor", "no_regression", "coverage"}
 TEST_PER_CLASS = 1
 MAX_STEPS = 10
 TRAIN_CONFIG = {"max_steps": MAX_STEPS, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16,
