@@ -40,7 +40,7 @@ $(DEMO_OVERLAY): config/demo.yaml
 
 # The whole asset graph on synthetic flowers and the tiny model, offline.
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml $(DEMO_OVERLAY)
-	$(PY) -m plant_pipeline.ml.demo_data $(DEMO_RELEASE) --train-per-class 20
+	$(PY) -m plant_pipeline.ml.data.demo_release $(DEMO_RELEASE) --train-per-class 20
 	PLANT_PIPELINE_MODEL=tiny-random-llava $(VENV)/bin/dagster asset materialize \
 		-m plant_pipeline.definitions --select '*' -c config/demo.yaml -c $(DEMO_OVERLAY)
 

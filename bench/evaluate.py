@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from plant_pipeline.ml.evaluate import evaluate_shards  # noqa: E402
-from plant_pipeline.ml.tiny_model import TinyLlavaSpec, build_tiny_llava  # noqa: E402
-from plant_pipeline.ml.toy_shards import write_toy_shards  # noqa: E402
+from plant_pipeline.ml.evaluation.evaluate import evaluate_shards  # noqa: E402
+from plant_pipeline.ml.model.tiny import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from plant_pipeline.ml.testing import write_toy_shards  # noqa: E402
 
 GOAL = 20.0
 
@@ -45,7 +45,7 @@ def build_interleave_shaped(device: torch.device, dtype: torch.dtype):
     vision tower, Qwen2-0.5B text (24 layers, 896 hidden, 2 KV heads, 151,936-token vocabulary)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    from plant_pipeline.ml import tiny_model
+    from plant_pipeline.ml.model import tiny as tiny_model
 
     spec = TinyLlavaSpec(image_size=384, patch_size=14)
     tokenizer = tiny_model._build_tokenizer(spec)

@@ -31,8 +31,8 @@ FSDP_CONFIG = REPO / "config" / "accelerate" / "fsdp_7b.yaml"
 def make_data(work: Path) -> tuple[Path, Path]:
     from transformers import AutoProcessor
 
-    from plant_pipeline.ml.tiny_model import build_tiny_llava
-    from plant_pipeline.ml.toy_shards import write_toy_shards
+    from plant_pipeline.ml.model.tiny import build_tiny_llava
+    from plant_pipeline.ml.testing import write_toy_shards
 
     model = build_tiny_llava(work / "tiny-random-llava")
     shards = write_toy_shards(work / "shards", AutoProcessor.from_pretrained(model), classes=8,
@@ -42,7 +42,7 @@ def make_data(work: Path) -> tuple[Path, Path]:
 
 def command(side: str, nproc: int, run_file: Path, result: Path) -> list[str]:
     """``side`` is "plain" or the path of an accelerate config file."""
-    entry = ["-m", "plant_pipeline.ml.train_cli", "--config", str(run_file), "--result", str(result)]
+    entry = ["-m", "plant_pipeline.ml.training.cli", "--config", str(run_file), "--result", str(result)]
     if side == "plain":
         return [sys.executable, *entry]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", side,
@@ -53,11 +53,11 @@ def reloaded_validation_loss(model_path: Path, spec, shards: Path) -> float:
     """Mean cross-entropy per answer token of the saved result over the whole validation split."""
     import torch
 
-    from plant_pipeline.ml.collate import memory_efficient_collate_fn
-    from plant_pipeline.ml.shard_format import split_shard_paths
-    from plant_pipeline.ml.streaming import make_stream
-    from plant_pipeline.ml.train import load_trained
-    from plant_pipeline.ml.trainer import labelled_token_loss
+    from plant_pipeline.ml.training.collate import memory_efficient_collate_fn
+    from plant_pipeline.ml.shards.format import split_shard_paths
+    from plant_pipeline.ml.training.streaming import make_stream
+    from plant_pipeline.ml.training.run import load_trained
+    from plant_pipeline.ml.training.trainer import labelled_token_loss
 
     model, processor = load_trained(model_path, spec)
     collate = memory_efficient_collate_fn(processor)
@@ -74,9 +74,9 @@ def reloaded_validation_loss(model_path: Path, spec, shards: Path) -> float:
 
 def run_side(work: Path, model: Path, shards: Path, side: str, dtype: str, nproc: int, steps: int,
              device: str) -> dict:
-    from plant_pipeline.ml.model import ModelSpec
-    from plant_pipeline.ml.train import TrainConfig
-    from plant_pipeline.ml.train_cli import RunFile
+    from plant_pipeline.ml.model.spec import ModelSpec
+    from plant_pipeline.ml.training.run import TrainConfig
+    from plant_pipeline.ml.training.cli import RunFile
 
     label = "plain" if side == "plain" else Path(side).stem
     out = work / f"{label}-{dtype}"

@@ -132,7 +132,7 @@ class Case:
 
     def train_config(self, dtype: str, max_steps: int):
         """The project's TrainConfig for this case: what both sides train."""
-        from plant_pipeline.ml.train import TrainConfig
+        from plant_pipeline.ml.training.run import TrainConfig
 
         common = dict(max_steps=max_steps, per_device_train_batch_size=self.batch, dtype=dtype,
                       freeze_vision_tower=True, freeze_projector=False,
@@ -190,7 +190,7 @@ def make_samples(case: Case, count: int, seed: int = 0) -> list:
     """[bos, image x N, ~20 prompt tokens, ~8 answer tokens, eos]; labels -100 up to the answer."""
     import numpy as np
 
-    from plant_pipeline.ml.shard_format import IGNORE_INDEX, Sample
+    from plant_pipeline.ml.shards.format import IGNORE_INDEX, Sample
 
     rng = np.random.default_rng(seed)
     image_token = case.vocab - 1
@@ -213,8 +213,8 @@ def write_shards(out_dir: Path, case: Case, samples: list, num_shards: int) -> P
     """Shards and index.json in the flower_shards format (shard_format.py)."""
     import webdataset as wds
 
-    from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
-    from plant_pipeline.ml.shard_format import INDEX_FILE, INDEX_FORMAT_VERSION, encode_sample
+    from plant_pipeline.ml.files import atomic_write_json, sha256_file
+    from plant_pipeline.ml.shards.format import INDEX_FILE, INDEX_FORMAT_VERSION, encode_sample
 
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
     per_shard = math.ceil(len(samples) / num_shards)
@@ -237,7 +237,7 @@ def write_shards(out_dir: Path, case: Case, samples: list, num_shards: int) -> P
 
 def normalizer_for(case: Case):
     """The processor's own uint8 -> float lookup table (pure-python image processors, no download)."""
-    from plant_pipeline.ml.pixels import PixelNormalizer
+    from plant_pipeline.ml.shards.pixels import PixelNormalizer
 
     size = case.image_size
     if case.vision == "siglip":
@@ -294,7 +294,7 @@ def build_model(case: Case, cfg, device, compute_dtype):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from plant_pipeline.ml.train import _configure_trainable, validate_lora_targets
+    from plant_pipeline.ml.training.run import _configure_trainable, validate_lora_targets
 
     # train.py: LoRA keeps the frozen base in the compute dtype; full fine-tuning keeps fp32 master weights.
     load_dtype = compute_dtype if cfg.use_lora else torch.float32
@@ -325,7 +325,7 @@ def useful_flops_per_sample(model, case: Case, samples: list) -> float:
     """See the module docstring: model FLOPs needed for the answer-token loss, averaged over ``samples``."""
     from torch import nn
 
-    from plant_pipeline.ml.shard_format import IGNORE_INDEX
+    from plant_pipeline.ml.shards.format import IGNORE_INDEX
 
     per_token = {"vision": 0.0, "projector": 0.0, "language": 0.0, "lm_head": 0.0}  # FLOPs per token, fwd+bwd
     for name, module in model.named_modules():
@@ -511,7 +511,7 @@ def training_args(side: str, cfg, run: dict, out_dir: str, max_steps: int):
     evaluation and checkpointing, which are not throughput)."""
     from transformers import TrainingArguments
 
-    from plant_pipeline.ml.train import streaming_args
+    from plant_pipeline.ml.training.run import streaming_args
 
     cpu = run["device"].type == "cpu"
     shared = dict(
@@ -560,11 +560,11 @@ def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float)
             trainer = Trainer(model=model, args=args, data_collator=plain_collate, train_dataset=data["memory"],
                               callbacks=[clock])
         else:
-            from plant_pipeline.ml.collate import MemoryEfficientCollator
-            from plant_pipeline.ml.regional_compile import compile_blocks
-            from plant_pipeline.ml.shard_format import split_shard_paths
-            from plant_pipeline.ml.streaming import make_stream
-            from plant_pipeline.ml.trainer import CustomTrainer
+            from plant_pipeline.ml.training.collate import MemoryEfficientCollator
+            from plant_pipeline.ml.training.compile import compile_blocks
+            from plant_pipeline.ml.shards.format import split_shard_paths
+            from plant_pipeline.ml.training.streaming import make_stream
+            from plant_pipeline.ml.training.trainer import CustomTrainer
 
             shards = split_shard_paths(data["shards"], "train")
             stream = make_stream(shards, shuffle=True, shuffle_buffer=min(cfg.shuffle_buffer, len(data["samples"])),
@@ -674,7 +674,7 @@ class Report:
         if self.out_dir is None:
             return
         try:
-            from plant_pipeline.ml.fileutil import atomic_write_bytes
+            from plant_pipeline.ml.files import atomic_write_bytes
 
             body = json.dumps(_json_safe(self.figures), sort_keys=False)
             atomic_write_bytes(self.out_dir / "gpu_train.txt", ("\n".join(self.lines) + "\n" + body + "\n").encode())
@@ -757,7 +757,7 @@ def main() -> None:
 
     import torch
 
-    from plant_pipeline.ml.train import TrainConfig, loader_workers
+    from plant_pipeline.ml.training.run import TrainConfig, loader_workers
 
     if args.device:
         device = torch.device(args.device)

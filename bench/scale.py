@@ -1,6 +1,6 @@
 """Training throughput with 1 and N processes (DDP, gloo on CPU) through the train_cli entry point.
 
-Each run is the real launch the trained_model asset makes (``python -m plant_pipeline.ml.train_cli`` or
+Each run is the real launch the trained_model asset makes (``python -m plant_pipeline.ml.training.cli`` or
 ``torch.distributed.run --nproc_per_node=N``) on the tiny model and toy shards; samples/s counts all ranks.
 On a 2-core CPU no gain is expected: the point is that it runs, every rank does the same steps and the loss falls.
 Prints one table, then one line of JSON. Usage:
@@ -28,8 +28,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def make_data(work: Path, shards: int) -> tuple[Path, Path]:
     from transformers import AutoProcessor
 
-    from plant_pipeline.ml.tiny_model import build_tiny_llava
-    from plant_pipeline.ml.toy_shards import write_toy_shards
+    from plant_pipeline.ml.model.tiny import build_tiny_llava
+    from plant_pipeline.ml.testing import write_toy_shards
 
     model = build_tiny_llava(work / "tiny-random-llava")
     # 8 classes x 16 train samples in shards of 8: 16 train shards, enough for 2 ranks x 2 workers and more.
@@ -40,9 +40,9 @@ def make_data(work: Path, shards: int) -> tuple[Path, Path]:
 
 def run_once(work: Path, model: Path, shards: Path, procs: int, args) -> dict:
     from plant_pipeline.defs.assets.training import launch_command
-    from plant_pipeline.ml.model import ModelSpec
-    from plant_pipeline.ml.train import TrainConfig
-    from plant_pipeline.ml.train_cli import RunFile
+    from plant_pipeline.ml.model.spec import ModelSpec
+    from plant_pipeline.ml.training.run import TrainConfig
+    from plant_pipeline.ml.training.cli import RunFile
 
     out = work / f"np{procs}"
     run = RunFile(

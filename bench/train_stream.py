@@ -37,11 +37,11 @@ def make_data(work: Path, samples: int, scale: int) -> tuple[Path, dict[int, Pat
     import webdataset as wds
     from transformers import AutoProcessor
 
-    from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
-    from plant_pipeline.ml.shard_format import INDEX_FILE, encode_sample, read_index, split_shard_paths
-    from plant_pipeline.ml.streaming import make_stream
-    from plant_pipeline.ml.tiny_model import TinyLlavaSpec, build_tiny_llava
-    from plant_pipeline.ml.toy_shards import write_toy_shards
+    from plant_pipeline.ml.files import atomic_write_json, sha256_file
+    from plant_pipeline.ml.shards.format import INDEX_FILE, encode_sample, read_index, split_shard_paths
+    from plant_pipeline.ml.training.streaming import make_stream
+    from plant_pipeline.ml.model.tiny import TinyLlavaSpec, build_tiny_llava
+    from plant_pipeline.ml.testing import write_toy_shards
 
     model_dir = build_tiny_llava(work / "model", TinyLlavaSpec(**SPEC))
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -113,12 +113,12 @@ def measure(mode: str, model_dir: Path, shards: Path, steps: int, batch: int, wo
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from plant_pipeline.ml.collate import SAMPLE_KEYS, memory_efficient_collate_fn
-    from plant_pipeline.ml.model import ModelSpec
-    from plant_pipeline.ml.shard_format import split_shard_paths
-    from plant_pipeline.ml.streaming import make_stream
-    from plant_pipeline.ml.train import TrainConfig, _configure_trainable
-    from plant_pipeline.ml.trainer import CustomTrainer
+    from plant_pipeline.ml.training.collate import SAMPLE_KEYS, memory_efficient_collate_fn
+    from plant_pipeline.ml.model.spec import ModelSpec
+    from plant_pipeline.ml.shards.format import split_shard_paths
+    from plant_pipeline.ml.training.streaming import make_stream
+    from plant_pipeline.ml.training.run import TrainConfig, _configure_trainable
+    from plant_pipeline.ml.training.trainer import CustomTrainer
 
     sampler = PeakSampler()
     sampler.start()

@@ -22,7 +22,7 @@ from plant_pipeline.defs.automation import (
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.defs.run_health import dead_run_reaper, health_checked_executor
 from plant_pipeline.defs.sensors import incoming_photos_sensor
-from plant_pipeline.ml.model import DEFAULT_REAL_MODEL
+from plant_pipeline.ml.model.spec import DEFAULT_REAL_MODEL
 
 ASSET_MODULES = [flowers, user_photos, shards, training, evaluation]
 

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from plant_pipeline.ml.toy_shards import write_toy_shards  # noqa: E402  (used by the toy_shards fixture)
+from plant_pipeline.ml.testing import write_toy_shards  # noqa: E402  (used by the toy_shards fixture)
 
 SHARED_DATASETS_ENV = "PLANT_PIPELINE_SHARED_DATASETS"
 
@@ -32,7 +32,7 @@ def shared_datasets() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """tiny-random-llava built once per session with save_pretrained."""
-    from plant_pipeline.ml.tiny_model import build_tiny_llava
+    from plant_pipeline.ml.model.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-random-llava")
 

@@ -46,7 +46,7 @@ def test_demo_reads_the_synthetic_release_from_data_dir(tmp_path):
     plan = _make("-n", "demo", f"DATA_DIR={data_dir}")
     overlay = data_dir / "demo_run.yaml"
     assert f"-c config/demo.yaml -c {overlay}" in plan, plan
-    assert f"demo_data {data_dir}/demo_release" in plan, plan
+    assert f"demo_release {data_dir}/demo_release" in plan, plan
 
     # The rule that writes the overlay runs without the venv; merged over config/demo.yaml it moves only the path.
     _make(str(overlay), f"DATA_DIR={data_dir}")

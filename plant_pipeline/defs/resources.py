@@ -9,8 +9,8 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from plant_pipeline.ml import incoming
-from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
+from plant_pipeline.ml.data import incoming
+from plant_pipeline.ml.model.spec import DEFAULT_REAL_MODEL, ModelSpec
 
 
 class PipelineStorage(ConfigurableResource):

@@ -23,7 +23,7 @@ from dagster import (
 
 from plant_pipeline.defs.automation import USER_PHOTO_ASSETS, add_user_photos_job
 from plant_pipeline.defs.resources import PipelineStorage
-from plant_pipeline.ml import incoming
+from plant_pipeline.ml.data import incoming
 
 INTERVAL_SECONDS = 60
 _LISTED = 10  # files named in a skip reason; the count says how many there were

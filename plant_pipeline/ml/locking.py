@@ -20,13 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from plant_pipeline.ml.errors import PlantPipelineError
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(PlantPipelineError, RuntimeError):
     """Another run is writing (or reading) the same output and did not finish within the wait."""
 
 

@@ -19,13 +19,19 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml.categories import CATEGORY_NAMES
-from plant_pipeline.ml.evaluate import evaluate_shards
-from plant_pipeline.ml.fileutil import sha256_file
-from plant_pipeline.ml.metrics import compare, confusion_matrix, missing_classes, per_class_table, summary_metrics
-from plant_pipeline.ml.plots import plot_confusion_matrix, plot_per_class_accuracy, read_report, write_report
-from plant_pipeline.ml.shard_format import INDEX_FILE
-from plant_pipeline.ml.train import load_trained
+from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.evaluation.evaluate import evaluate_shards
+from plant_pipeline.ml.evaluation.metrics import (
+    compare,
+    confusion_matrix,
+    missing_classes,
+    per_class_table,
+    summary_metrics,
+)
+from plant_pipeline.ml.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy, read_report, write_report
+from plant_pipeline.ml.files import sha256_file
+from plant_pipeline.ml.shards.format import INDEX_FILE
+from plant_pipeline.ml.training.run import load_trained
 
 
 class ModelEvaluationConfig(Config):

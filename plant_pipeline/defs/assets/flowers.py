@@ -20,9 +20,8 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import ProgressLog, table
 from plant_pipeline.defs.resources import PipelineStorage
-from plant_pipeline.ml.categories import CATEGORY_NAMES
-from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
-from plant_pipeline.ml.download import (
+from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data.download import (
     OFFICIAL_BASE_URL,
     OFFICIAL_MD5,
     ExtractLimits,
@@ -30,7 +29,9 @@ from plant_pipeline.ml.download import (
     fetch_release,
     safe_extract_tgz,
 )
-from plant_pipeline.ml.flowers import build_manifest, read_manifest, summarize_manifest, write_manifest
+from plant_pipeline.ml.data.manifest import read_manifest, summarize_manifest, write_manifest
+from plant_pipeline.ml.data.oxford import build_manifest
+from plant_pipeline.ml.files import atomic_write_json, sha256_file
 
 # Manifest paths are relative to the data root, so every source (the official release, later user photos)
 # lives in one table.

@@ -18,13 +18,13 @@ from plant_pipeline.defs.assets.user_photos import user_photos
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml import incoming
-from plant_pipeline.ml import shard_checks as checks
-from plant_pipeline.ml import shards as core
-from plant_pipeline.ml.categories import NUM_CLASSES
-from plant_pipeline.ml.fileutil import sha256_file
-from plant_pipeline.ml.flowers import combine_manifests, read_manifest
-from plant_pipeline.ml.shard_format import INDEX_FILE
+from plant_pipeline.ml.data import incoming
+from plant_pipeline.ml.data.categories import NUM_CLASSES
+from plant_pipeline.ml.data.manifest import combine_manifests, read_manifest
+from plant_pipeline.ml.files import sha256_file
+from plant_pipeline.ml.shards import build as core
+from plant_pipeline.ml.shards import checks
+from plant_pipeline.ml.shards.format import INDEX_FILE
 
 
 class FlowerShardsConfig(Config):

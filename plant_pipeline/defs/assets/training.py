@@ -1,6 +1,6 @@
 """Asset ``trained_model``: fine-tune the model on the train shards in a separate process, launched through Pipes.
 
-The asset writes a run file and starts ``python -m plant_pipeline.ml.train_cli`` (or ``torch.distributed.run``
+The asset writes a run file and starts ``python -m plant_pipeline.ml.training.cli`` (or ``torch.distributed.run``
 with ``nproc_per_node`` ranks); progress lines and the final metadata come back through Dagster Pipes, so
 the Dagster process never loads the model. The child's output is teed to ``<checkpoints>/launch/train.log``;
 a child that fails turns into a Failure with its exit code and the last lines of that log.
@@ -37,10 +37,10 @@ from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.locks import asset_lock
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml.fileutil import atomic_write_json, sha256_file
-from plant_pipeline.ml.shard_format import INDEX_FILE
-from plant_pipeline.ml.train import TrainConfig
-from plant_pipeline.ml.train_cli import ENTRY_MODULE, RunFile
+from plant_pipeline.ml.files import atomic_write_json, sha256_file
+from plant_pipeline.ml.shards.format import INDEX_FILE
+from plant_pipeline.ml.training.cli import ENTRY_MODULE, RunFile
+from plant_pipeline.ml.training.run import TrainConfig
 
 LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

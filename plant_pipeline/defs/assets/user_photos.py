@@ -17,8 +17,8 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import table
 from plant_pipeline.defs.resources import PipelineStorage
-from plant_pipeline.ml import incoming
-from plant_pipeline.ml.fileutil import sha256_file
+from plant_pipeline.ml.data import incoming
+from plant_pipeline.ml.files import sha256_file
 
 _LISTED = 50  # rows of the metadata tables; the counts say how many there were
 

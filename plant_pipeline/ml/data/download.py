@@ -1,0 +1,801 @@
+"""Fetch the Oxford Flowers 102 release: resumable, retried, md5-verified downloads and safe extraction.
+
+Every file lands atomically (``<name>.partial`` then ``os.replace``), so a file at its final path is
+always complete and verified; re-runs skip what is already there and good.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Callable, Mapping
+
+from plant_pipeline.ml.errors import PlantPipelineError, UsageError
+from plant_pipeline.ml.files import file_digest
+
+logger = logging.getLogger(__name__)
+
+OFFICIAL_BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+RELEASE_FILES: tuple[str, ...] = ("102flowers.tgz", "imagelabels.mat", "setid.mat")
+OFFICIAL_MD5: dict[str, str] = {
+    "102flowers.tgz": "52808999861908f626f3c1f4e79d11fa",
+    "imagelabels.mat": "e0620be6f572b9609742df49c70aed4d",
+    "setid.mat": "a5357ecc9cb78c4bef273ce3793fc85c",
+}
+
+EXTRACT_MARKER = ".extracted"
+IMAGE_DIR = "jpg"  # the release's image folder: 102flowers.tgz holds jpg/image_00001.jpg ...
+MD5SUMS = "md5sums"  # a mirror's own checksum listing, as `md5sum FILES > md5sums` writes it
+_PARTIAL_SUFFIX = ".partial"
+_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+# 408/429/5xx say "try again later"; every other 4xx will not get better by retrying.
+_TRANSIENT_STATUS = frozenset({408, 429}) | frozenset(range(500, 600))
+_PROGRESS_BYTES_UNKNOWN_TOTAL = 8 << 20
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_COPY_CHUNK = 1 << 20
+# tarfile's extraction filters (and FilterError) exist from Python 3.11.4 / 3.10.12 on.
+_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
+_TAR_FILTER_ERRORS: tuple[type[Exception], ...] = (
+    (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
+)
+
+ProgressFn = Callable[[int, "int | None"], None]
+ReleaseProgressFn = Callable[[str, int, "int | None"], None]
+
+
+class DownloadError(PlantPipelineError, RuntimeError):
+    """A file could not be fetched: an HTTP error status, or transient failures that outlasted the retries."""
+
+
+class ChecksumError(UsageError):
+    """A fetched file's md5 differs from the expected one; the bad bytes were deleted."""
+
+
+class UnsafeArchiveError(UsageError):
+    """An archive member would land outside the target folder, or is a link or a special file."""
+
+
+class ArchiveError(UsageError):
+    """An archive is truncated, corrupt, not a gzip-compressed tar, not laid out like the release, or
+    expands beyond the ExtractLimits."""
+
+
+class _TransientError(Exception):
+    """A failure worth retrying (connection dropped, 5xx, short body); internal to download_file."""
+
+
+@dataclass
+class _Transfer:
+    """What the attempts of one download_file call have done so far."""
+
+    received: int = 0  # body bytes written to the partial file, across all attempts
+    resumed: bool = False  # some attempt continued a partial file with a 206 answer
+
+
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Caps on what an archive may expand to: checked from the tar headers before anything is written,
+    and again on the bytes actually written. The real 102flowers.tgz (345 MB of JPEGs, which do not
+    compress, in 8,190 members) stays far inside the defaults; a decompression bomb does not."""
+
+    max_total_bytes: int = field(
+        default=4 << 30, metadata={"help": "Most bytes all regular files together may expand to (4 GiB)."}
+    )
+    max_ratio: float = field(
+        default=20.0, metadata={"help": "Most extracted bytes per archive byte, once past ratio_free_bytes."}
+    )
+    ratio_free_bytes: int = field(
+        default=64 << 20,
+        metadata={"help": "Extracted bytes up to which any ratio is accepted: small archives of text or "
+                  "blank images compress far better than 20:1 and are harmless."},
+    )
+    max_members: int = field(default=100_000, metadata={"help": "Most members (files and folders)."})
+
+    def __post_init__(self) -> None:
+        for name in ("max_total_bytes", "max_members"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ExtractLimits.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_ratio >= 1:
+            raise ValueError(f"ExtractLimits.max_ratio must be >= 1 (a tar never shrinks much), got {self.max_ratio}")
+        if self.ratio_free_bytes < 0:
+            raise ValueError(f"ExtractLimits.ratio_free_bytes must be >= 0, got {self.ratio_free_bytes}")
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """The outcome of one download_file / copy_file call."""
+
+    path: Path
+    bytes_downloaded: int  # bytes actually transferred by this call (0 when skipped)
+    md5: str
+    resumed: bool  # an earlier partial file was continued with a Range request
+    skipped: bool  # the file was already in place with the expected md5
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """The outcome of fetch_release: where each release file is and its verified md5."""
+
+    paths: dict[str, Path]
+    bytes_downloaded: int
+    checksums: dict[str, str]
+    source: str  # the base URL, or a file:// URI of the local folder
+
+
+def md5sum(path: Path | str, chunk_size: int = 1 << 20) -> str:
+    """Hex md5 of a file: the checksum the official release publishes."""
+    return file_digest(path, "md5", chunk_size)
+
+
+def parse_md5sums(text: str) -> dict[str, str]:
+    """Parse ``md5sum`` tool output ("HASH  name" or "HASH *name") into {name: hash}.
+
+    Blank lines and ``#`` comments are skipped; any other malformed line raises ValueError.
+    """
+    sums: dict[str, str] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"^([0-9a-fA-F]{32}) [ *](.+)$", line)
+        if match is None:
+            raise ValueError(
+                f"md5sums line {lineno} is not 'HASH  name' or 'HASH *name': {raw!r}; "
+                "regenerate the file with `md5sum FILES > md5sums`"
+            )
+        sums[match.group(2).strip()] = match.group(1).lower()
+    return sums
+
+
+def _normalize_md5(value: str, what: str) -> str:
+    md5 = value.strip().lower()
+    if not _MD5_RE.match(md5):
+        raise ValueError(f"expected md5 for {what} must be 32 hex digits, got {value!r}")
+    return md5
+
+
+def _partial_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + _PARTIAL_SUFFIX)
+
+
+def _existing_is_good(dest: Path, expected_md5: str | None) -> str | None:
+    """Return dest's md5 when it can be kept as is; delete it (and return None) when it is bad."""
+    if not dest.is_file():
+        return None
+    actual = md5sum(dest)
+    if expected_md5 is None or actual == expected_md5:
+        return actual
+    logger.warning("%s has md5 %s, expected %s; fetching it again", dest, actual, expected_md5)
+    # A known-bad file must not sit at the final path, even if the new fetch then fails.
+    dest.unlink()
+    return None
+
+
+def _finish(partial: Path, dest: Path, expected_md5: str | None, what: str) -> str:
+    """Verify the completed partial file and move it into place; delete it on a mismatch."""
+    actual = md5sum(partial)
+    if expected_md5 is not None and actual != expected_md5:
+        size = partial.stat().st_size
+        partial.unlink()
+        raise ChecksumError(
+            f"md5 mismatch for {dest.name} from {what}: expected {expected_md5}, got {actual} "
+            f"({size} bytes); the bad file was deleted. The source may be corrupt or changed, or "
+            "the expected checksum is wrong."
+        )
+    os.replace(partial, dest)
+    return actual
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+class _Progress:
+    """Calls the callback and logs every ~5% of a known total, or every 8 MiB of an unknown one."""
+
+    def __init__(self, label: str, total: int | None, start: int, callback: ProgressFn | None):
+        self.label, self.total, self.callback = label, total, callback
+        self.step = max(total // 20, 1) if total else _PROGRESS_BYTES_UNKNOWN_TOTAL
+        self.next_mark = (start // self.step + 1) * self.step
+        self.reported: int | None = None
+
+    def update(self, done: int, final: bool = False) -> None:
+        if done < self.next_mark and not (final and done != self.reported):
+            return
+        self.next_mark = (done // self.step + 1) * self.step
+        self.reported = done
+        if self.total:
+            logger.info(
+                "%s: %s / %s (%.0f%%)",
+                self.label, _fmt_bytes(done), _fmt_bytes(self.total), 100.0 * done / self.total,
+            )
+        else:
+            logger.info("%s: %s", self.label, _fmt_bytes(done))
+        if self.callback is not None:
+            self.callback(done, self.total)
+
+
+def _open_url(url: str, offset: int, timeout_s: float) -> http.client.HTTPResponse:
+    headers = {"User-Agent": "plant-pipeline/0.1", "Accept-Encoding": "identity"}
+    if offset > 0:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    host = urllib.parse.urlsplit(url).hostname or ""
+    # Loopback servers (tests, local mirrors) must not go through an environment HTTP proxy.
+    handlers = [urllib.request.ProxyHandler({})] if host in _LOOPBACK_HOSTS else []
+    opener = urllib.request.build_opener(*handlers)
+    return opener.open(request, timeout=timeout_s)
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
+    """'bytes START-END/TOTAL' -> (START, TOTAL or None for '*'); None when unparseable."""
+    match = re.match(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", value or "")
+    if match is None:
+        return None
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), total
+
+
+def _attempt(
+    url: str, partial: Path, timeout_s: float, chunk_size: int, progress: ProgressFn | None,
+    state: _Transfer,
+) -> None:
+    """One GET into ``partial``, continuing it when possible; updates ``state`` as bytes arrive.
+
+    Raises _TransientError for failures worth retrying, DownloadError for the rest.
+    """
+    offset = partial.stat().st_size if partial.exists() else 0
+    try:
+        response = _open_url(url, offset, timeout_s)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        content_range = exc.headers.get("Content-Range") if exc.headers else None
+        exc.close()
+        if status == 416 and offset > 0:
+            parsed = re.match(r"^\s*bytes\s+\*/(\d+)\s*$", content_range or "")
+            if parsed and int(parsed.group(1)) == offset:
+                return  # the partial already holds the whole file; only verification is left
+            partial.unlink()
+            raise _TransientError(f"HTTP 416 for a resume at byte {offset}; restarting from 0") from None
+        if status in _TRANSIENT_STATUS:
+            raise _TransientError(f"HTTP {status} {exc.reason}") from None
+        raise DownloadError(
+            f"GET {url} failed with HTTP {status} {exc.reason}; check the URL (base_url) and that the "
+            "file exists on the server"
+        ) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        raise _TransientError(f"{type(exc).__name__}: {exc}") from exc
+
+    with response:
+        status = response.status
+        length = response.headers.get("Content-Length")
+        body_length = int(length) if length and length.isdigit() else None
+        if status == 206 and offset > 0:
+            parsed = _parse_content_range(response.headers.get("Content-Range"))
+            if parsed is None or parsed[0] != offset:
+                partial.unlink()
+                raise _TransientError(
+                    f"206 with Content-Range {response.headers.get('Content-Range')!r} does not "
+                    f"continue byte {offset}; restarting from 0"
+                )
+            start, total, mode = offset, parsed[1], "ab"
+            state.resumed = True
+        elif status in (200, 206):
+            if offset > 0:
+                logger.info("%s: server ignored the Range request; restarting from byte 0", url)
+            start, total, mode = 0, body_length, "wb"
+        else:
+            raise DownloadError(f"GET {url} answered HTTP {status}, expected 200 or 206")
+
+        tracker = _Progress(url, total, start, progress)
+        received = 0
+        with open(partial, mode) as fh:
+            while True:
+                try:
+                    chunk = response.read(chunk_size)
+                except (http.client.HTTPException, OSError) as exc:
+                    raise _TransientError(
+                        f"connection lost after {start + received} bytes: {type(exc).__name__}: {exc}"
+                    ) from exc
+                if not chunk:
+                    break
+                fh.write(chunk)
+                received += len(chunk)
+                state.received += len(chunk)
+                tracker.update(start + received)
+        done = start + received
+        # http.client returns b"" rather than raising when a server closes before Content-Length.
+        if body_length is not None and received < body_length:
+            raise _TransientError(f"connection closed after {done} of {start + body_length} bytes")
+        if total is not None and done != total:
+            raise _TransientError(f"received {done} bytes, server announced {total}")
+        tracker.update(done, final=True)
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    expected_md5: str | None,
+    *,
+    retries: int = 4,
+    backoff_s: float = 0.5,
+    timeout_s: float = 60,
+    chunk_size: int = 1 << 20,
+    progress: ProgressFn | None = None,
+    refresh: bool = False,
+) -> DownloadResult:
+    """Download ``url`` to ``dest``: stream to ``dest.partial``, resume it with Range, verify, rename.
+
+    A dest already present with ``expected_md5`` is kept (``skipped=True``); with ``expected_md5=None``
+    any existing dest is trusted, since only complete files are ever renamed into place, unless
+    ``refresh`` is set: then the file is fetched whole again (for small listings that can change, such
+    as a mirror's md5sums) and replaces dest only once complete. A partial file left by an earlier run
+    that turns out not to match (the file on the server changed meanwhile) is downloaded once more from
+    the start. Connection
+    errors, short bodies, 408, 429 and 5xx are retried up to ``retries`` times in a row with
+    exponential backoff (an attempt that extends the partial file resets the count, so a flaky
+    link still finishes a large file); other statuses raise DownloadError at once. An md5 mismatch
+    deletes the partial file and raises ChecksumError. ``progress(bytes_done, total)`` is called about
+    every 5% (or 8 MiB when the size is unknown) and at the end.
+    """
+    dest = Path(dest)
+    expected = None if expected_md5 is None else _normalize_md5(expected_md5, dest.name)
+    partial = _partial_path(dest)
+    if refresh:
+        # Without a checksum to tell an old partial from the new file, only a whole fetch is safe.
+        partial.unlink(missing_ok=True)
+    else:
+        existing = _existing_is_good(dest, expected)
+        if existing is not None:
+            logger.info("%s already present with md5 %s; not downloading", dest, existing)
+            return DownloadResult(dest, 0, existing, resumed=False, skipped=True)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    earlier_partial = partial.exists()
+    if earlier_partial:
+        logger.info("%s: resuming from %d bytes already in %s", url, partial.stat().st_size, partial)
+    else:
+        logger.info("%s: downloading to %s", url, dest)
+
+    state = _Transfer()
+    failures = 0
+    best = partial.stat().st_size if partial.exists() else 0
+    while True:
+        try:
+            _attempt(url, partial, timeout_s, chunk_size, progress, state)
+            break
+        except _TransientError as exc:
+            size = partial.stat().st_size if partial.exists() else 0
+            if size > best:
+                best, failures = size, 0
+            else:
+                failures += 1
+            if failures > retries:
+                kept = f"The partial file {partial} is kept, so a re-run resumes it. " if size else ""
+                raise DownloadError(
+                    f"GET {url} failed {failures} times in a row; last error: {exc}. {kept}"
+                    "Check the network and the server, then re-run."
+                ) from exc
+            delay = backoff_s * 2 ** max(failures - 1, 0)
+            logger.warning("%s: %s; retrying in %.2f s", url, exc, delay)
+            time.sleep(delay)
+
+    try:
+        md5 = _finish(partial, dest, expected, url)
+    except ChecksumError:
+        if not (earlier_partial and state.resumed):
+            raise
+        # The earlier run's bytes may be of an older release; _finish deleted them, so this starts at 0.
+        logger.warning("%s: the continued partial file did not match md5 %s; downloading it again from the "
+                       "start (the file on the server may have changed since the earlier run)", url, expected)
+        return download_file(url, dest, expected_md5, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                             chunk_size=chunk_size, progress=progress)
+    logger.info("%s: saved %s (md5 %s, %d bytes transferred)", url, dest, md5, state.received)
+    return DownloadResult(dest, state.received, md5, resumed=state.resumed, skipped=False)
+
+
+def copy_file(
+    src: Path, dest: Path, expected_md5: str | None, *, chunk_size: int = 1 << 20,
+    progress: ProgressFn | None = None,
+) -> DownloadResult:
+    """Copy a local file into place the way download_file does: via ``.partial``, verified, atomic."""
+    src, dest = Path(src), Path(dest)
+    expected = None if expected_md5 is None else _normalize_md5(expected_md5, dest.name)
+    if not src.is_file():
+        raise DownloadError(f"{src} does not exist; the local source folder must hold {dest.name}")
+    existing = _existing_is_good(dest, expected)
+    if existing is not None:
+        logger.info("%s already present with md5 %s; not copying", dest, existing)
+        return DownloadResult(dest, 0, existing, resumed=False, skipped=True)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = _partial_path(dest)
+    total = src.stat().st_size
+    tracker = _Progress(str(src), total, 0, progress)
+    copied = 0
+    with open(src, "rb") as fin, open(partial, "wb") as fout:
+        while chunk := fin.read(chunk_size):
+            fout.write(chunk)
+            copied += len(chunk)
+            tracker.update(copied)
+    tracker.update(copied, final=True)
+    md5 = _finish(partial, dest, expected, str(src))
+    return DownloadResult(dest, copied, md5, resumed=False, skipped=False)
+
+
+def fetch_release(
+    dest_dir: Path,
+    *,
+    base_url: str | None = None,
+    local_dir: Path | None = None,
+    md5: Mapping[str, str] | None = None,
+    progress: ReleaseProgressFn | None = None,
+) -> FetchResult:
+    """Fetch the three release files into ``dest_dir`` from ``base_url`` (default: the official site)
+    or, without HTTP, from the folder ``local_dir``, which takes precedence when both are given.
+
+    ``md5`` replaces OFFICIAL_MD5 entirely (a mirror such as the mini subset has its own checksums)
+    and must name all of RELEASE_FILES. ``progress(name, bytes_done, total)`` reports each file.
+    """
+    if md5 is None:
+        expected = dict(OFFICIAL_MD5)
+    else:
+        missing = [name for name in RELEASE_FILES if name not in md5]
+        if missing:
+            raise ValueError(
+                f"md5 must give a checksum for each of {list(RELEASE_FILES)}; missing {missing} "
+                f"(got {sorted(md5)}). Pass the mirror's md5sums (parse_md5sums) or leave md5=None "
+                "for the official checksums."
+            )
+        expected = {name: _normalize_md5(md5[name], name) for name in RELEASE_FILES}
+
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    if local_dir is not None:
+        local_dir = Path(local_dir).resolve()
+        source = local_dir.as_uri()
+        if base_url is not None:
+            logger.info("reading the release from %s; base_url %s is not used", local_dir, base_url)
+    else:
+        source = base_url or OFFICIAL_BASE_URL
+        if not source.endswith("/"):
+            source += "/"  # urljoin would otherwise replace the last path segment
+
+    paths: dict[str, Path] = {}
+    checksums: dict[str, str] = {}
+    total_bytes = 0
+    for name in RELEASE_FILES:
+        file_progress = None
+        if progress is not None:
+            file_progress = (lambda n: lambda done, total: progress(n, done, total))(name)
+        if local_dir is not None:
+            result = copy_file(local_dir / name, dest_dir / name, expected[name], progress=file_progress)
+        else:
+            url = urllib.parse.urljoin(source, urllib.parse.quote(name))
+            result = download_file(url, dest_dir / name, expected[name], progress=file_progress)
+        paths[name] = result.path
+        checksums[name] = result.md5
+        total_bytes += result.bytes_downloaded
+    logger.info("release fetched from %s into %s (%d bytes transferred)", source, dest_dir, total_bytes)
+    return FetchResult(paths=paths, bytes_downloaded=total_bytes, checksums=checksums, source=source)
+
+
+def fetch_md5sums(dest_dir: Path, *, base_url: str | None = None, local_dir: Path | None = None) -> dict[str, str]:
+    """The checksums a mirror or folder publishes beside the release files (its ``md5sums`` listing).
+
+    Over HTTP the listing is fetched again on every call (it is tiny) and kept in ``dest_dir``, so a
+    mirror that publishes a new release is noticed: fetch_release then replaces exactly the files whose
+    md5 changed. ``local_dir`` takes precedence over ``base_url``, as in fetch_release.
+    """
+    if local_dir is not None:
+        listing = Path(local_dir) / MD5SUMS
+        if not listing.is_file():
+            raise DownloadError(
+                f"md5 is empty, so checksums are read from {listing}, which does not exist; give md5 "
+                f"explicitly or add an {MD5SUMS} file to the folder (`md5sum {' '.join(RELEASE_FILES)} > {MD5SUMS}`)"
+            )
+    else:
+        source = base_url or OFFICIAL_BASE_URL
+        url = urllib.parse.urljoin(source if source.endswith("/") else source + "/", MD5SUMS)
+        try:
+            listing = download_file(url, Path(dest_dir) / MD5SUMS, None, refresh=True).path
+        except DownloadError as exc:
+            raise DownloadError(
+                f"md5 is empty, so checksums are read from the mirror's {MD5SUMS}, which could not be fetched: "
+                f"{exc} To run on the files already downloaded without the mirror, give md5 explicitly."
+            ) from exc
+    try:
+        return parse_md5sums(listing.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{listing}: {exc}") from exc
+
+
+def _check_member(archive: Path, member: tarfile.TarInfo) -> str | None:
+    """Return the member's normalized relative path (None for the root dir), or raise if unsafe."""
+    name = member.name
+    kind = (
+        "symlink" if member.issym() else "hardlink" if member.islnk()
+        else "device file" if member.ischr() or member.isblk() else "fifo" if member.isfifo()
+        else None
+    )
+    if kind is not None or not (member.isreg() or member.isdir()):
+        raise UnsafeArchiveError(
+            f"{archive}: member {name!r} is a {kind or 'special file'}; only regular files and "
+            "folders are extracted. The archive is not the expected release."
+        )
+    if not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive or "\x00" in name:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} has an absolute path; refusing to extract")
+    parts = [p for p in re.split(r"[/\\]", name) if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchiveError(
+            f"{archive}: member {name!r} contains '..' and would escape the target folder; refusing"
+        )
+    return str(PurePosixPath(*parts)) if parts else None
+
+
+def _read_marker(marker: Path) -> dict | None:
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _header_size(member: tarfile.TarInfo) -> int:
+    """Bytes a member will write, as its header says (folders write none)."""
+    return member.size if member.isreg() else 0
+
+
+def _repack_hint(archive: Path) -> str:
+    return f"Fetch a correct copy of {archive.name}, or repack it so that every file appears once under {IMAGE_DIR}/."
+
+
+class _Layout:
+    """What an archive's headers say, checked member by member before anything is written."""
+
+    def __init__(self, archive: Path, limits: ExtractLimits, reserved: frozenset[str]):
+        self.archive, self.limits, self.reserved = archive, limits, reserved
+        self.compressed = archive.stat().st_size
+        self.entries: list[tuple[str, str | None]] = []  # (member name, normalized path or None), in order
+        self.files: dict[str, str] = {}  # normalized path -> member name
+        self.folders: dict[str, str] = {}  # normalized path -> the member that made it a folder
+        self.total = 0  # regular files' bytes, as the headers say
+        self.backslashes = 0
+
+    def add(self, member: tarfile.TarInfo) -> None:
+        archive = self.archive
+        rel = _check_member(archive, member)
+        self.entries.append((member.name, rel))
+        if len(self.entries) > self.limits.max_members:
+            raise ArchiveError(
+                f"{archive} holds more than {self.limits.max_members:,} members (the release has 8,190); "
+                "refusing to extract it. Raise ExtractLimits.max_members only for an archive you trust."
+            )
+        if rel is None:
+            return
+        if _HAS_DATA_FILTER:  # the stdlib's view of the same member, as a second line of defence
+            try:
+                tarfile.data_filter(member.replace(name=rel, deep=False), str(archive.parent))
+            except _TAR_FILTER_ERRORS as exc:
+                raise UnsafeArchiveError(f"{archive}: unsafe member refused by tarfile's data filter: {exc}") from exc
+        if rel.split("/")[0] in self.reserved:
+            raise UnsafeArchiveError(
+                f"{archive}: member {member.name!r} would overwrite the extraction's own bookkeeping "
+                f"({rel.split('/')[0]}); refusing. The archive is not the expected release."
+            )
+        if "\\" in member.name:
+            self.backslashes += 1
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in self.files:
+                self._clash(parent, self.files[parent], member.name)
+            self.folders.setdefault(parent, member.name)
+        if member.isdir():
+            if rel in self.files:
+                self._clash(rel, self.files[rel], member.name)
+            self.folders.setdefault(rel, member.name)
+            return
+        if rel in self.files:
+            raise ArchiveError(
+                f"{archive} holds {rel} 2 times (members {self.files[rel]!r} and {member.name!r}); "
+                f"expected every path once, while extracting would silently keep only the last copy. "
+                + _repack_hint(archive)
+            )
+        if rel in self.folders:
+            self._clash(rel, member.name, self.folders[rel])
+        self.files[rel] = member.name
+        self.total += _header_size(member)
+        self.check_size(self.total, member.name, "from the tar headers")
+
+    def _clash(self, path: str, file_member: str, folder_member: str) -> None:
+        raise ArchiveError(
+            f"{self.archive}: {path!r} is a regular file in the archive (member {file_member!r}) and also "
+            f"a folder (member {folder_member!r} lies in it); expected only folders and the files inside "
+            "them. " + _repack_hint(self.archive)
+        )
+
+    def check_size(self, total: int, name: str, how: str) -> None:
+        """Raise unless ``total`` extracted bytes, reached at member ``name``, are within the limits."""
+        limits, archive = self.limits, self.archive
+        if total > limits.max_total_bytes:
+            raise ArchiveError(
+                f"{archive}: the files up to member {name!r} expand to {total:,} bytes ({how}), more than "
+                f"the cap of {limits.max_total_bytes:,} bytes ({_fmt_bytes(limits.max_total_bytes)}; the "
+                "real release expands to about 345 MB); nothing was extracted. If the archive is trusted "
+                "and really this large, raise max_extracted_gib in the oxford_flowers config "
+                "(ExtractLimits.max_total_bytes); otherwise fetch a correct copy."
+            )
+        if total > limits.ratio_free_bytes and total > limits.max_ratio * self.compressed:
+            raise ArchiveError(
+                f"{archive}: the files up to member {name!r} expand to {total:,} bytes ({how}) from "
+                f"{self.compressed:,} compressed bytes, a compression ratio of more than "
+                f"{total / self.compressed:.0f}:1 where the cap is {limits.max_ratio:g}:1 (the release's "
+                "JPEGs barely compress); this looks like a decompression bomb and nothing was extracted. "
+                "Fetch a correct copy, or raise max_compression_ratio in the oxford_flowers config "
+                "(ExtractLimits.max_ratio) for an archive you trust."
+            )
+
+    def check_folder(self, folder: str) -> None:
+        """Raise unless some regular file lies under ``folder``/."""
+        if any(rel.startswith(folder + "/") for rel in self.files):
+            return
+        tops: dict[str, bool] = {}  # top-level entry -> is a folder
+        for _, rel in self.entries:
+            if rel is not None:
+                top = rel.split("/")[0]
+                tops[top] = tops.get(top, False) or top in self.folders
+        found = ", ".join(f"{t}/ (a folder)" if d else f"{t} (a file)" for t, d in sorted(tops.items()))
+        raise ArchiveError(
+            f"{self.archive} holds no regular files under {folder}/, where the release keeps its images; "
+            f"found: {found or 'nothing'}. Expected {folder}/image_00001.jpg and so on at the top of the "
+            f"archive: fetch a correct copy, or repack it with the images under {folder}/."
+        )
+
+
+def _scan(archive: Path, limits: ExtractLimits, reserved: frozenset[str], expect_folder: str | None) -> _Layout:
+    """Check every header (safety, names, layout, size caps) and the gzip CRC; write nothing."""
+    layout = _Layout(archive, limits, reserved)
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            layout.add(member)
+        # tarfile stops at the end-of-archive block, before gzip's CRC trailer; read on to the end
+        # so a corrupt byte inside a member is caught before anything is written.
+        while tar.fileobj.read(_COPY_CHUNK):
+            pass
+    if not layout.files:
+        raise ArchiveError(f"{archive} holds no regular files; it is not the expected release")
+    if expect_folder is not None:
+        layout.check_folder(expect_folder)
+    if layout.backslashes:
+        logger.warning("%s: %d member names use backslashes (an archive made on Windows); they are read as "
+                       "folder separators", archive, layout.backslashes)
+    return layout
+
+
+def _write_members(archive: Path, tmp: Path, layout: _Layout) -> list[str]:
+    """Write the scanned members under ``tmp``, counting the bytes against the limits again; return the files."""
+    written = count = 0
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            name, rel = layout.entries[count] if count < len(layout.entries) else (None, None)
+            count += 1
+            if member.name != name:
+                raise ArchiveError(f"{archive} changed while it was being extracted; re-run")
+            if rel is None:
+                continue
+            target = tmp / rel
+            try:
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                # "x": a second member landing on the same file fails instead of overwriting it.
+                with source, open(target, "xb") as out:
+                    while chunk := source.read(_COPY_CHUNK):
+                        written += len(chunk)
+                        layout.check_size(written, member.name, "counted while writing")
+                        out.write(chunk)
+            except (FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+                raise ArchiveError(
+                    f"{archive}: member {member.name!r} collides with another member on this file system "
+                    f"({exc.strerror}); names that differ only in case are one file on macOS and Windows. "
+                    + _repack_hint(archive)
+                ) from None
+    if count != len(layout.entries):
+        raise ArchiveError(f"{archive} changed while it was being extracted; re-run")
+    return sorted(layout.files)
+
+
+def safe_extract_tgz(
+    archive: Path,
+    dest_dir: Path,
+    *,
+    expect_folder: str | None = IMAGE_DIR,
+    limits: ExtractLimits | None = None,
+) -> list[Path]:
+    """Extract a .tgz into ``dest_dir`` safely and idempotently; return the regular files extracted.
+
+    Every header is checked before anything is written: absolute paths, ``..``, links and special
+    files raise UnsafeArchiveError; a truncated or corrupt archive, a path listed twice, a path that is
+    both a file and a folder, no files under ``expect_folder`` (the release's ``jpg/``; None to skip)
+    or more than ``limits`` allow (size, compression ratio, members) raise ArchiveError. Backslashes in
+    member names are read as folder separators. The size caps are enforced again while writing.
+    Members go to a hidden temporary folder inside ``dest_dir`` first, and only a fully extracted
+    archive is moved in: each top-level entry of the archive (e.g. ``jpg/``) replaces any older entry
+    of that name, while other content of ``dest_dir`` is left alone. A marker file records the
+    archive's md5, so a re-run with the same archive skips the work and a different archive is
+    extracted afresh.
+    """
+    archive, dest_dir = Path(archive), Path(dest_dir)
+    limits = limits or ExtractLimits()
+    if not archive.is_file():
+        raise ArchiveError(f"{archive} does not exist; fetch the release first")
+    archive_md5 = md5sum(archive)
+    marker = dest_dir / EXTRACT_MARKER
+    previous = _read_marker(marker) if marker.exists() else None
+    if previous and previous.get("md5") == archive_md5:
+        paths = [dest_dir / rel for rel in previous.get("files", [])]
+        if paths and all(p.is_file() for p in paths):
+            logger.info("%s already extracted into %s (%d files); skipping", archive, dest_dir, len(paths))
+            return paths
+        logger.warning("%s: files listed in %s are missing; extracting again", dest_dir, marker)
+
+    tmp = dest_dir / f".{archive.name}.extracting"
+    reserved = frozenset({EXTRACT_MARKER, EXTRACT_MARKER + _PARTIAL_SUFFIX, tmp.name, tmp.name + ".old"})
+    logger.info("extracting %s into %s", archive, dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        layout = _scan(archive, limits, reserved, expect_folder)
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from a killed run
+        tmp.mkdir()
+        files = _write_members(archive, tmp, layout)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArchiveError(
+            f"{archive} is truncated or corrupt ({type(exc).__name__}: {exc}); nothing was "
+            "extracted. Delete it and fetch it again."
+        ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-extracted stays behind
+        raise
+    # Drop the marker first: if we die while moving entries in, the next run extracts again.
+    marker.unlink(missing_ok=True)
+    for entry in sorted(os.listdir(tmp)):
+        target = dest_dir / entry
+        if target.is_dir() and not target.is_symlink():
+            old = tmp.with_name(tmp.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp / entry, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if target.is_symlink() or target.exists():
+                target.unlink()
+            os.replace(tmp / entry, target)
+    tmp.rmdir()
+
+    files.sort()
+    marker_tmp = marker.with_name(marker.name + _PARTIAL_SUFFIX)
+    marker_tmp.write_text(json.dumps({"archive": archive.name, "md5": archive_md5, "files": files}))
+    os.replace(marker_tmp, marker)
+    logger.info("extracted %d files from %s into %s", len(files), archive, dest_dir)
+    return [dest_dir / rel for rel in files]
+

@@ -1,0 +1,109 @@
+"""Where the model comes from and how it is loaded: one ModelSpec shared by every step of the pipeline.
+
+Hub ids and local folders load through ``AutoProcessor`` / ``LlavaForConditionalGeneration.from_pretrained``;
+the name ``tiny-random-llava`` is first built locally (see tiny_model.py) and then loaded the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from plant_pipeline.ml.errors import UsageError
+from plant_pipeline.ml.model.tiny import TINY_MODEL_NAME, build_tiny_llava
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REAL_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
+LARGE_MODEL = "llava-hf/llava-1.5-7b-hf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelConfigError(UsageError):
+    """A model setting that cannot work on this machine; raised before any work starts."""
+
+
+def resolve_device(preference: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelConfigError("device 'mps' was asked for but MPS is not available; use device='auto' or 'cpu'")
+    return device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # bf16 matmuls on MPS need macOS 14+; CPU bf16 trains but slowly, so auto keeps fp32 there.
+    return device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0)
+
+
+def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 where supported on a GPU, else fp16 on MPS, else fp32."""
+    if preference == "auto":
+        if device.type in ("cuda", "mps") and bf16_supported(device):
+            return torch.bfloat16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if preference not in DTYPES:
+        raise ModelConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {preference!r}")
+    dtype = DTYPES[preference]
+    if dtype == torch.bfloat16 and device.type != "cpu" and not bf16_supported(device):
+        raise ModelConfigError(f"bfloat16 is not supported on {device}; use dtype='float16' or 'auto'")
+    return dtype
+
+
+def model_slug(model_name: str) -> str:
+    """A folder name for a model id or path: 'llava-hf/llava-1.5-7b-hf' -> 'llava-hf--llava-1.5-7b-hf'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model_name.strip("/")).strip("-") or "model"
+
+
+@dataclass
+class ModelSpec:
+    """Which model to use and how to load it."""
+
+    model_name: str = field(default=TINY_MODEL_NAME, metadata={"help": "Hub id, local folder, or 'tiny-random-llava'."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cuda, mps or cpu."})
+    local_files_only: bool = field(default=False, metadata={"help": "Never contact the hub."})
+    models_dir: str = field(default="data/models", metadata={"help": "Where the tiny model is built."})
+
+    @property
+    def slug(self) -> str:
+        return model_slug(self.model_name)
+
+    def source(self) -> str:
+        """The path or hub id that from_pretrained receives; builds the tiny model on first use."""
+        if self.model_name == TINY_MODEL_NAME:
+            return str(build_tiny_llava(Path(self.models_dir) / TINY_MODEL_NAME))
+        return self.model_name
+
+    def _pretrained_kwargs(self) -> dict:
+        return {"revision": self.revision, "local_files_only": self.local_files_only}
+
+    def load_processor(self):
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(self.source(), **self._pretrained_kwargs())
+
+    def load_model(self, *, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        from transformers import LlavaForConditionalGeneration
+
+        device = device or resolve_device(self.device)
+        dtype = dtype or resolve_dtype(self.dtype, device)
+        model = LlavaForConditionalGeneration.from_pretrained(self.source(), dtype=dtype, **self._pretrained_kwargs())
+        return model.to(device)

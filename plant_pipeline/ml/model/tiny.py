@@ -1,0 +1,182 @@
+"""Build ``tiny-random-llava``: a LLaVA small enough to train in minutes on a CPU, made offline.
+
+A CLIP-style vision tower and a Llama-style language model with random weights, a byte-level BPE
+tokenizer trained here on the prompts and the 102 category names, and a real ``LlavaProcessor``
+with a chat template. It is saved with ``save_pretrained`` so it loads through exactly the same
+``from_pretrained`` path as a model from the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL_NAME = "tiny-random-llava"
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+
+# LLaVA-1.5 style conversation; the generation prompt ends where the answer starts.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyLlavaSpec:
+    """Sizes of the tiny model; the defaults train on 2 CPU cores in minutes."""
+
+    seed: int = 0
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 96
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    vocab_size: int = 1024
+
+    @property
+    def image_seq_length(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def _training_corpus() -> list[str]:
+    questions = ["What flower is this?", "What plant is this?", "Which flower is shown in the image?"]
+    answers = [f"This is a {name}." for name in CATEGORY_NAMES]
+    return questions * 50 + answers * 20 + ["USER: ASSISTANT: " * 10]
+
+
+def _build_tokenizer(spec: TinyLlavaSpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="right",
+    )
+
+
+def _build_processor(spec: TinyLlavaSpec, tokenizer):
+    from transformers import LlavaProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        # CLIP prepends a CLS token that the "default" strategy drops; the processor must count it.
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _build_model(spec: TinyLlavaSpec, tokenizer):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_hidden * 4,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=spec.text_hidden,
+        intermediate_size=spec.text_hidden * 4,
+        num_hidden_layers=spec.text_layers,
+        num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_heads,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=spec.image_seq_length,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
+    """Build the tiny model deterministically into ``out_dir`` unless it is already there with this spec.
+
+    Written to a temporary folder beside ``out_dir`` and renamed into place, so a crash never leaves a
+    half-saved model that a later run would load.
+    """
+    out_dir = Path(out_dir)
+    spec_file = out_dir / "tiny_llava_spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) == asdict(spec):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("building %s into %s", TINY_MODEL_NAME, out_dir)
+    tokenizer = _build_tokenizer(spec)
+    processor = _build_processor(spec, tokenizer)
+    model = _build_model(spec, tokenizer)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "tiny_llava_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

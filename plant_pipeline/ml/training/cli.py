@@ -1,0 +1,247 @@
+"""Command-line entry point for ``train()``: one JSON run file in, the TrainResult JSON out (rank 0, atomically).
+
+Runs unchanged as a plain process, under ``torchrun`` / ``python -m torch.distributed.run`` and under
+``accelerate launch`` (DDP, FSDP, DeepSpeed: see config/accelerate/ and docs/scaling.md)::
+
+    python -m plant_pipeline.ml.training.cli --config run.json --result result.json [--set train.max_steps=20]
+    torchrun --standalone --nproc_per_node=2 -m plant_pipeline.ml.training.cli --config run.json --result result.json
+    accelerate launch --config_file config/accelerate/ddp.yaml -m plant_pipeline.ml.training.cli --config run.json ...
+
+The run file holds ``{"train": {TrainConfig fields}, "model": {ModelSpec fields}, "shards_dir": ...,
+"checkpoints_dir": ..., "output_dir": ...}`` (``train`` and ``model`` are kept apart: both have a ``dtype``).
+When a Dagster Pipes session launched the process (``DAGSTER_PIPES_CONTEXT`` is set), rank 0 sends its
+progress lines and the final metadata back through ``dagster_pipes``; the core never imports dagster itself.
+Exit codes: 0 done, 2 a setting or input that cannot work (the message says what to change), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from plant_pipeline.ml.errors import UsageError
+from plant_pipeline.ml.files import atomic_write_json
+from plant_pipeline.ml.model.spec import ModelSpec
+from plant_pipeline.ml.training.run import TrainConfig, TrainResult
+
+logger = logging.getLogger("plant_pipeline.ml.training.cli")
+
+ENTRY_MODULE = "plant_pipeline.ml.training.cli"
+PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # the variable dagster_pipes itself checks
+RECORD_KEYS_ENV = "PLANT_PIPELINE_RECORD_KEYS"  # same as --record-keys, for launchers that only pass env vars
+
+
+class RunFileError(UsageError):
+    """A run file that is not valid JSON or names unknown settings."""
+
+
+# Bad settings, damaged shards or checkpoints are inputs to change, rebuild or move away, not bugs: the message
+# says which and how.
+USAGE_ERRORS = (UsageError, FileNotFoundError)
+
+
+@dataclass
+class RunFile:
+    """Everything one training run needs; ``to_json``/``load`` are the on-disk form the launchers share."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    shards_dir: str = ""
+    checkpoints_dir: str = ""
+    output_dir: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"train": asdict(self.train), "model": asdict(self.model), "shards_dir": str(self.shards_dir),
+                "checkpoints_dir": str(self.checkpoints_dir), "output_dir": str(self.output_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = "the run file") -> RunFile:
+        allowed = {"train", "model", "shards_dir", "checkpoints_dir", "output_dir"}
+        unknown = sorted(set(data) - allowed)
+        missing = sorted({"shards_dir", "checkpoints_dir", "output_dir"} - set(data))
+        if unknown or missing:
+            raise RunFileError(f"{source}: unknown keys {unknown}, missing keys {missing}; expected {sorted(allowed)}")
+        return cls(train=_build(TrainConfig, data.get("train", {}), f"{source} [train]"),
+                   model=_build(ModelSpec, data.get("model", {}), f"{source} [model]"),
+                   shards_dir=str(data["shards_dir"]), checkpoints_dir=str(data["checkpoints_dir"]),
+                   output_dir=str(data["output_dir"]))
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunFile:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunFileError(f"{path} is not valid JSON ({err}); write it with RunFile.to_json()") from err
+        for item in overrides:
+            _apply_override(data, item)
+        return cls.from_json(data, str(path))
+
+
+def _build(cls: type, values: dict[str, Any], source: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise RunFileError(f"{source}: unknown settings {unknown}; {cls.__name__} has {sorted(names)}")
+    return cls(**values)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """``section.key=value`` (or ``key=value`` for a top-level path); the value is JSON, else a plain string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise RunFileError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=20 or output_dir=/tmp/out")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    *sections, last = key.split(".")
+    target = data
+    for section in sections:
+        target = target.setdefault(section, {})
+    target[last] = value
+
+
+# ---- what goes back to Dagster --------------------------------------------------------------------
+
+def format_progress(record: dict) -> str:
+    """One log line for a progress record from train()'s on_log."""
+    parts = [f"step {record.get('step')}/{record.get('max_steps')}"]
+    for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("samples_per_second", "{:.1f}"),
+                     ("eta_seconds", "{:.0f}"), ("rss_mb", "{:.0f}")):
+        if record.get(key) is not None:
+            parts.append(f"{key} {fmt.format(record[key])}")
+    return ", ".join(parts)
+
+
+def result_metadata(result: TrainResult, checkpoints_dir: str | Path) -> dict[str, Any]:
+    """The trained_model asset's metadata in dagster_pipes' wire form (paths typed, None left out).
+
+    The loss-curve image is added by the asset from ``loss_curve_path`` (it has the Markdown helpers).
+    """
+    metadata = {
+        "model_path": {"raw_value": str(result.model_path), "type": "path"},
+        "steps": result.steps,
+        "final_train_loss": result.final_train_loss,
+        "final_validation_loss": result.final_validation_loss,
+        "initial_validation_loss": result.initial_validation_loss,
+        "samples_per_second": round(result.samples_per_second, 2),
+        "peak_memory_mb": round(result.peak_memory_mb, 1),
+        "peak_cuda_memory_mb": result.peak_cuda_memory_mb,
+        "peak_mps_memory_mb": result.peak_mps_memory_mb,
+        "device": result.device,
+        "dtype": result.dtype,
+        "trainable_params": result.trainable_params,
+        "total_params": result.total_params,
+        "resumed_from_step": result.resumed_from_step,
+        "checkpoints_dir": {"raw_value": str(checkpoints_dir), "type": "path"},
+        "seconds": round(result.seconds, 1),
+    }
+    return {k: v for k, v in metadata.items() if v is not None}
+
+
+def _open_pipes(rank: int):
+    """dagster_pipes' context on rank 0 of a Pipes-launched run; otherwise nothing (and no import)."""
+    if rank != 0 or PIPES_CONTEXT_ENV not in os.environ:
+        return contextlib.nullcontext(None)
+    from dagster_pipes import (
+        open_dagster_pipes,  # a tiny separate package; dagster itself is not imported
+    )
+
+    return open_dagster_pipes()
+
+
+# ---- sample-key recording (a debug aid for the distributed tests) ---------------------------------
+
+class _RecordingCollator:
+    """Wraps the trainer's collator and appends each batch's sample keys to ``DIR/keys-rank<R>-pid<P>.jsonl``.
+
+    A module-level class so it pickles into DataLoader workers; each process writes its own file.
+    """
+
+    def __init__(self, inner: Callable, directory: str, rank: int):
+        self.inner, self.directory, self.rank = inner, directory, rank
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def __call__(self, samples):
+        from plant_pipeline.ml.training.collate import SAMPLE_KEYS
+
+        batch = self.inner(samples)
+        path = Path(self.directory) / f"keys-rank{self.rank}-pid{os.getpid()}.jsonl"
+        with path.open("a") as handle:
+            handle.write(json.dumps({"rank": self.rank, "keys": list(batch[SAMPLE_KEYS])}) + "\n")
+        return batch
+
+
+def _install_key_recorder(directory: str, rank: int) -> None:
+    from plant_pipeline.ml.training import run as train_module
+
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    make_collator = train_module.memory_efficient_collate_fn
+    # train() looks the factory up in its module at call time, so this wraps the collator it builds.
+    train_module.memory_efficient_collate_fn = (
+        lambda processor, *a, **k: _RecordingCollator(make_collator(processor, *a, **k), directory, rank))
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def run(run_file: RunFile, result_path: str | Path | None = None, record_keys: str | None = None) -> TrainResult:
+    """train() with this process's rank: rank 0 writes ``result_path`` and reports to Pipes when launched by it."""
+    from plant_pipeline.ml.training.run import train
+
+    rank = int(os.environ.get("RANK", "0"))
+    if record_keys:
+        _install_key_recorder(record_keys, rank)
+    with _open_pipes(rank) as pipes:
+        def on_log(record: dict) -> None:
+            if pipes is not None:
+                pipes.log.info(format_progress(record))
+
+        result = train(run_file.train, model_spec=run_file.model, shards_dir=run_file.shards_dir,
+                       checkpoints_dir=run_file.checkpoints_dir, output_dir=run_file.output_dir, on_log=on_log)
+        if record_keys:
+            atomic_write_json(Path(record_keys) / f"result-rank{rank}.json",
+                              {"rank": rank, "steps": result.steps, "world_size": result.world_size})
+        if rank == 0:
+            if result_path is not None:
+                atomic_write_json(result_path, result.to_dict())
+            if pipes is not None:
+                pipes.report_asset_materialization(metadata=result_metadata(result, run_file.checkpoints_dir))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {ENTRY_MODULE}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="Run file (JSON): train, model, shards_dir, checkpoints_dir, "
+                                                        "output_dir.")
+    parser.add_argument("--result", help="Where rank 0 writes the TrainResult as JSON (atomically).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Override one setting, e.g. train.max_steps=20 (value parsed as JSON); repeatable.")
+    parser.add_argument("--record-keys", default=os.environ.get(RECORD_KEYS_ENV), metavar="DIR",
+                        help="Debug: every rank appends the sample keys of each batch it collates to DIR, and "
+                             f"its step count to DIR/result-rank<R>.json (also via ${RECORD_KEYS_ENV}).")
+    args = parser.parse_args(argv)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    try:
+        run(RunFile.load(args.config, args.overrides), args.result, args.record_keys)
+    except USAGE_ERRORS as err:
+        # A setting to change, not a bug: the message alone says what to do; no traceback to wade through.
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

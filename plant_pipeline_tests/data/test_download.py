@@ -1,0 +1,534 @@
+"""Tests for plant_pipeline.ml.data.download: resumable, retried, verified downloads and safe extraction.
+
+Network tests talk to a LoopbackServer on 127.0.0.1; the end-to-end tests serve the real mini mirror
+from the shared datasets folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from plant_pipeline.ml.data import download
+from plant_pipeline.ml.data.download import (
+    OFFICIAL_MD5,
+    RELEASE_FILES,
+    ArchiveError,
+    ChecksumError,
+    DownloadError,
+    UnsafeArchiveError,
+    download_file,
+    fetch_md5sums,
+    fetch_release,
+    md5sum,
+    parse_md5sums,
+    safe_extract_tgz,
+)
+from plant_pipeline.ml.data.manifest import summarize_manifest
+from plant_pipeline.ml.data.oxford import build_manifest
+from plant_pipeline_tests.http_server import LoopbackServer, free_port
+
+BLOB_SIZE = 300_000
+FAST = {"backoff_s": 0.01, "timeout_s": 10}
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A folder with one 300 kB file of random bytes, to be served."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "blob.bin").write_bytes(random.Random(0).randbytes(BLOB_SIZE))
+    return root
+
+
+@pytest.fixture
+def server(site: Path):
+    with LoopbackServer(site) as srv:
+        yield srv
+
+
+def _blob_md5(site: Path) -> str:
+    return md5sum(site / "blob.bin")
+
+
+# -- checksums ------------------------------------------------------------------------------------
+def test_md5sum_matches_hashlib_and_parse_md5sums_reads_both_formats(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"abc")
+    assert md5sum(tmp_path / "a") == "900150983cd24fb0d6963f7d28e17f72"
+    text = (
+        "# comment\n\n"
+        "687C52EBE81BA6A4FE779A9F5DD0A4BA  102flowers.tgz\n"
+        "43ff0dcf7f0919ccb7cfd2a34418b1df *imagelabels.mat\n"
+    )
+    assert parse_md5sums(text) == {
+        "102flowers.tgz": "687c52ebe81ba6a4fe779a9f5dd0a4ba",
+        "imagelabels.mat": "43ff0dcf7f0919ccb7cfd2a34418b1df",
+    }
+    with pytest.raises(ValueError, match="line 1"):
+        parse_md5sums("not-a-hash  file\n")
+
+
+# -- download_file ----------------------------------------------------------------------------------
+def test_download_verifies_reports_progress_and_skips_a_good_file(tmp_path, site, server) -> None:
+    dest = tmp_path / "out" / "blob.bin"
+    calls: list[tuple[int, int | None]] = []
+    result = download_file(
+        server.url_for("blob.bin"), dest, _blob_md5(site), chunk_size=4096,
+        progress=lambda done, total: calls.append((done, total)), **FAST,
+    )
+    assert (result.bytes_downloaded, result.skipped, result.resumed) == (BLOB_SIZE, False, False)
+    assert dest.read_bytes() == (site / "blob.bin").read_bytes()
+    assert not dest.with_name("blob.bin.partial").exists()
+    # ~every 5%: a handful of calls, increasing, ending at the total.
+    assert 10 <= len(calls) <= 22
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    assert calls[-1] == (BLOB_SIZE, BLOB_SIZE)
+
+    again = download_file(server.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+    assert (again.skipped, again.bytes_downloaded) == (True, 0)
+    assert len(server.requests) == 1
+
+
+def test_existing_file_with_wrong_md5_is_downloaded_again(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes(b"stale")
+    result = download_file(server.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+    assert not result.skipped
+    assert md5sum(dest) == _blob_md5(site)
+
+
+def test_md5_mismatch_names_file_and_both_checksums_and_keeps_nothing(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    wrong = "0" * 32
+    with pytest.raises(ChecksumError) as info:
+        download_file(server.url_for("blob.bin"), dest, wrong, **FAST)
+    message = str(info.value)
+    assert "blob.bin" in message and wrong in message and _blob_md5(site) in message
+    assert not dest.exists()
+    assert not dest.with_name("blob.bin.partial").exists()
+
+
+def test_interrupted_download_is_resumed_with_a_range_request(tmp_path, site, server) -> None:
+    cut = 120_000
+    server.truncate_next("blob.bin", after_bytes=cut)
+    dest = tmp_path / "blob.bin"
+    result = download_file(server.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+    first, second = server.requests
+    assert (first.range, first.bytes_sent) == (None, cut)
+    assert (second.range, second.status) == (f"bytes={cut}-", 206)
+    # Resumed, not restarted: the file crossed the wire once.
+    assert server.bytes_served("blob.bin") == BLOB_SIZE
+    assert result.resumed and result.bytes_downloaded == BLOB_SIZE
+    assert md5sum(dest) == _blob_md5(site)
+
+
+def test_partial_file_from_an_earlier_run_is_continued(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    dest.with_name("blob.bin.partial").write_bytes((site / "blob.bin").read_bytes()[:100_000])
+    result = download_file(server.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+    assert [r.range for r in server.requests] == ["bytes=100000-"]
+    assert result.resumed and result.bytes_downloaded == BLOB_SIZE - 100_000
+    assert md5sum(dest) == _blob_md5(site)
+
+
+def test_complete_partial_file_answered_416_is_only_verified(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    dest.with_name("blob.bin.partial").write_bytes((site / "blob.bin").read_bytes())
+    result = download_file(server.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+    assert [r.status for r in server.requests] == [416]
+    assert result.bytes_downloaded == 0 and md5sum(dest) == _blob_md5(site)
+
+
+def test_server_ignoring_range_restarts_from_zero(tmp_path, site) -> None:
+    dest = tmp_path / "blob.bin"
+    # A wrong prefix proves the partial is overwritten, not appended to.
+    dest.with_name("blob.bin.partial").write_bytes(b"x" * 50_000)
+    with LoopbackServer(site, honor_range=False) as srv:
+        result = download_file(srv.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+        assert [(r.range, r.status) for r in srv.requests] == [("bytes=50000-", 200)]
+    assert not result.resumed and result.bytes_downloaded == BLOB_SIZE
+    assert md5sum(dest) == _blob_md5(site)
+
+
+def test_flaky_link_that_keeps_making_progress_still_finishes(tmp_path, site, server) -> None:
+    server.truncate_next("blob.bin", after_bytes=50_000, times=10)
+    dest = tmp_path / "blob.bin"
+    # Six cut connections in a row, but each extends the file, so retries=1 is not exhausted.
+    download_file(server.url_for("blob.bin"), dest, _blob_md5(site), retries=1, **FAST)
+    assert len(server.requests) == 6
+    assert server.bytes_served("blob.bin") == BLOB_SIZE
+    assert md5sum(dest) == _blob_md5(site)
+
+
+def test_partial_file_of_a_file_that_changed_on_the_server_is_downloaded_again(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    # An earlier run stopped 100 kB into an older version of the file; the server now has another.
+    dest.with_name("blob.bin.partial").write_bytes(random.Random(9).randbytes(100_000))
+    result = download_file(server.url_for("blob.bin"), dest, _blob_md5(site), **FAST)
+    assert [r.range for r in server.requests] == ["bytes=100000-", None]
+    assert not result.resumed and md5sum(dest) == _blob_md5(site)
+
+
+def test_refresh_fetches_again_and_keeps_the_old_copy_until_a_new_one_is_complete(tmp_path, site, server) -> None:
+    dest = tmp_path / "blob.bin"
+    dest.write_bytes(b"old listing")
+    dest.with_name("blob.bin.partial").write_bytes(b"stale partial")  # never continued: it may be of another file
+    result = download_file(server.url_for("blob.bin"), dest, None, refresh=True, **FAST)
+    assert not result.skipped and [r.range for r in server.requests] == [None]
+    assert md5sum(dest) == _blob_md5(site)
+    dest.write_bytes(b"old listing")
+    server.fail_next("blob.bin", status=404)
+    with pytest.raises(DownloadError):
+        download_file(server.url_for("blob.bin"), dest, None, refresh=True, **FAST)
+    assert dest.read_bytes() == b"old listing"
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_transient_status_is_retried_then_succeeds(tmp_path, site, server, status) -> None:
+    server.fail_next("blob.bin", status=status, times=2)
+    dest = tmp_path / "blob.bin"
+    download_file(server.url_for("blob.bin"), dest, _blob_md5(site), retries=2, **FAST)
+    assert [r.status for r in server.requests] == [status, status, 200]
+    assert md5sum(dest) == _blob_md5(site)
+
+
+def test_persistent_500_fails_after_the_retries_naming_url_and_status(tmp_path, site, server) -> None:
+    server.fail_next("blob.bin", status=500, times=10)
+    url = server.url_for("blob.bin")
+    with pytest.raises(DownloadError) as info:
+        download_file(url, tmp_path / "blob.bin", _blob_md5(site), retries=2, **FAST)
+    assert url in str(info.value) and "500" in str(info.value)
+    assert len(server.requests) == 3
+    assert not (tmp_path / "blob.bin").exists()
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_client_error_fails_at_once_naming_url_and_status(tmp_path, site, server, status) -> None:
+    path = "missing.bin" if status == 404 else "blob.bin"
+    if status != 404:
+        server.fail_next(path, status=status)
+    url = server.url_for(path)
+    with pytest.raises(DownloadError) as info:
+        download_file(url, tmp_path / path, None, retries=3, **FAST)
+    assert url in str(info.value) and str(status) in str(info.value)
+    assert len(server.requests) == 1
+
+
+def test_connection_refused_is_retried_then_reported(tmp_path) -> None:
+    url = f"http://127.0.0.1:{free_port()}/blob.bin"
+    with pytest.raises(DownloadError, match="3 times") as info:
+        download_file(url, tmp_path / "blob.bin", None, retries=2, **FAST)
+    assert url in str(info.value)
+
+
+# -- fetch_release ------------------------------------------------------------------------------
+@pytest.fixture
+def fake_release(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    root = tmp_path / "release"
+    root.mkdir()
+    rng = random.Random(1)
+    for name in RELEASE_FILES:
+        (root / name).write_bytes(rng.randbytes(20_000))
+    sums = {name: md5sum(root / name) for name in RELEASE_FILES}
+    return root, sums
+
+
+def test_fetch_release_over_http_then_skips_on_rerun(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    seen: set[str] = set()
+    with LoopbackServer(root) as srv:
+        base = srv.url.rstrip("/")  # a missing trailing slash must not drop a path segment
+        result = fetch_release(
+            tmp_path / "dl", base_url=base, md5=sums, progress=lambda name, d, t: seen.add(name)
+        )
+        assert result.checksums == sums
+        assert result.bytes_downloaded == 3 * 20_000
+        assert result.source == srv.url
+        assert seen == set(RELEASE_FILES)
+        assert {r.path for r in srv.requests} == {"/" + n for n in RELEASE_FILES}
+        again = fetch_release(tmp_path / "dl", base_url=base, md5=sums)
+        assert again.bytes_downloaded == 0 and len(srv.requests) == 3
+    assert all(md5sum(p) == sums[n] for n, p in result.paths.items())
+
+
+def test_fetch_release_from_local_dir_without_http(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    # local_dir wins over base_url (a config may carry the official URL as its default); port 1 is
+    # closed, so any HTTP attempt would fail.
+    result = fetch_release(tmp_path / "dl", base_url="http://127.0.0.1:1/", local_dir=root, md5=sums)
+    assert result.source == root.resolve().as_uri() and result.source.startswith("file://")
+    assert result.checksums == sums
+    assert {n: p.read_bytes() for n, p in result.paths.items()} == {
+        n: (root / n).read_bytes() for n in RELEASE_FILES
+    }
+    assert fetch_release(tmp_path / "dl", local_dir=root, md5=sums).bytes_downloaded == 0
+
+
+def test_fetch_release_from_local_dir_refuses_a_corrupt_file(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    (root / "setid.mat").write_bytes(b"corrupt")
+    with pytest.raises(ChecksumError, match="setid.mat"):
+        fetch_release(tmp_path / "dl", local_dir=root, md5=sums)
+    assert not (tmp_path / "dl" / "setid.mat").exists()
+    assert not (tmp_path / "dl" / "setid.mat.partial").exists()
+
+
+def test_fetch_release_argument_errors(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    with pytest.raises(ValueError, match="setid.mat"):
+        fetch_release(tmp_path, local_dir=root, md5={k: v for k, v in sums.items() if k != "setid.mat"})
+    (root / "imagelabels.mat").unlink()
+    with pytest.raises(DownloadError, match="imagelabels.mat"):
+        fetch_release(tmp_path / "dl", local_dir=root, md5=sums)
+
+
+def test_fetch_md5sums_reads_the_listing_and_says_what_to_do_without_one(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    (root / "md5sums").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
+    with LoopbackServer(root) as srv:
+        assert fetch_md5sums(tmp_path / "dl", base_url=srv.url) == sums
+        assert fetch_md5sums(tmp_path / "dl", base_url=srv.url) == sums
+        assert [r.path for r in srv.requests] == ["/md5sums", "/md5sums"]  # asked again, not trusted from disk
+        (root / "md5sums").unlink()
+        with pytest.raises(DownloadError, match=r"md5sums.*404.*give md5 explicitly"):
+            fetch_md5sums(tmp_path / "dl", base_url=srv.url)
+    assert (tmp_path / "dl" / "md5sums").is_file()  # the last good listing stays
+    with pytest.raises(DownloadError, match=r"release/md5sums, which does not exist; give md5 explicitly"):
+        fetch_md5sums(tmp_path / "dl", local_dir=root)
+
+
+# -- safe_extract_tgz ---------------------------------------------------------------------------
+def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info, data
+
+
+def _special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info, None
+
+
+def _make_tgz(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _good_members(tag: bytes = b"A", n: int = 3) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    folder = tarfile.TarInfo("jpg")
+    folder.type = tarfile.DIRTYPE
+    return [(folder, None)] + [_file(f"jpg/image_{i:05d}.jpg", tag * 1000 + bytes([i])) for i in range(1, n + 1)]
+
+
+def test_extract_moves_files_in_keeps_other_content_and_skips_on_rerun(tmp_path, monkeypatch) -> None:
+    archive = _make_tgz(tmp_path / "a.tgz", _good_members())
+    root = tmp_path / "root"
+    (root / "downloads").mkdir(parents=True)
+    (root / "downloads" / "keep.txt").write_text("keep")
+
+    files = safe_extract_tgz(archive, root)
+    assert files == [root / f"jpg/image_0000{i}.jpg" for i in (1, 2, 3)]
+    assert (root / "jpg/image_00002.jpg").read_bytes() == b"A" * 1000 + b"\x02"
+    assert (root / "downloads" / "keep.txt").read_text() == "keep"
+    assert json.loads((root / download.EXTRACT_MARKER).read_text())["md5"] == md5sum(archive)
+    assert sorted(p.name for p in root.iterdir()) == [download.EXTRACT_MARKER, "downloads", "jpg"]
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("a re-run with the same archive must not open it")
+
+    monkeypatch.setattr(download.tarfile, "open", no_open)
+    assert safe_extract_tgz(archive, root) == files
+
+
+def test_extract_redoes_work_for_a_new_archive_or_missing_files(tmp_path) -> None:
+    root = tmp_path / "root"
+    safe_extract_tgz(_make_tgz(tmp_path / "a.tgz", _good_members(b"A", 3)), root)
+    newer = _make_tgz(tmp_path / "b.tgz", _good_members(b"B", 2))
+    files = safe_extract_tgz(newer, root)
+    # The archive's jpg/ replaces the old one: no stale image_00003 from the first archive.
+    assert sorted(p.name for p in (root / "jpg").iterdir()) == ["image_00001.jpg", "image_00002.jpg"]
+    assert files[0].read_bytes().startswith(b"B")
+    files[1].unlink()
+    assert safe_extract_tgz(newer, root) == files and files[1].is_file()
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        _file("../evil.txt", b"x"),
+        _file("jpg/../../evil.txt", b"x"),
+        _file("/tmp/plant_pipeline_evil.txt", b"x"),
+        _special("jpg/link.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+        _special("jpg/hard.jpg", tarfile.LNKTYPE, "jpg/image_00001.jpg"),
+        _special("jpg/dev", tarfile.CHRTYPE),
+        _special("jpg/fifo", tarfile.FIFOTYPE),
+    ],
+    ids=["dotdot", "nested-dotdot", "absolute", "symlink", "hardlink", "device", "fifo"],
+)
+def test_unsafe_member_is_refused_and_nothing_is_left(tmp_path, member) -> None:
+    archive = _make_tgz(tmp_path / "bad.tgz", _good_members() + [member])
+    root = tmp_path / "a" / "root"
+    with pytest.raises(UnsafeArchiveError) as info:
+        safe_extract_tgz(archive, root)
+    assert "bad.tgz" in str(info.value) and member[0].name in str(info.value)
+    # The good members extracted before the bad one were rolled back, and nothing escaped.
+    assert list(root.iterdir()) == []
+    assert not (tmp_path / "a" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
+    assert not Path("/tmp/plant_pipeline_evil.txt").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "not-gzip"])
+def test_corrupt_archive_gives_a_clear_error_and_extracts_nothing(tmp_path, damage) -> None:
+    rng = random.Random(2)
+    members = [_file(f"jpg/image_{i:05d}.jpg", rng.randbytes(30_000)) for i in range(1, 6)]
+    archive = _make_tgz(tmp_path / "flowers.tgz", members)
+    data = bytearray(archive.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "flipped":
+        for i in range(len(data) // 2, len(data) // 2 + 64):
+            data[i] ^= 0xFF
+    else:
+        data = bytearray(b"<html>not found</html>" * 100)
+    archive.write_bytes(bytes(data))
+    root = tmp_path / "root"
+    with pytest.raises(ArchiveError, match="flowers.tgz"):
+        safe_extract_tgz(archive, root)
+    assert list(root.iterdir()) == []
+
+
+# -- the real mini mirror, end to end -------------------------------------------------------------
+def test_official_label_files_pass_the_official_md5(shared_datasets: Path) -> None:
+    official = shared_datasets / "oxford-flowers-102-official"
+    for name in ("imagelabels.mat", "setid.mat"):
+        assert md5sum(official / name) == OFFICIAL_MD5[name]
+
+
+@pytest.fixture(scope="module")
+def mini_run(shared_datasets: Path, tmp_path_factory):
+    """Download the mini mirror over loopback HTTP (cut once midway), extract it, build the manifest."""
+    mini = shared_datasets / "oxford-flowers-102-mini"
+    sums = parse_md5sums((mini / "md5sums").read_text())
+    root = tmp_path_factory.mktemp("oxford_flowers")
+    tgz_size = (mini / "102flowers.tgz").stat().st_size
+    with LoopbackServer(mini) as srv:
+        srv.truncate_next("102flowers.tgz", after_bytes=tgz_size // 2)
+        fetched = fetch_release(root / "downloads", base_url=srv.url, md5=sums)
+        log = srv.requests
+    files = safe_extract_tgz(fetched.paths["102flowers.tgz"], root)
+    manifest = build_manifest(root, fetched.paths["imagelabels.mat"], fetched.paths["setid.mat"])
+    return {"mini": mini, "sums": sums, "root": root, "fetched": fetched, "log": log,
+            "tgz_size": tgz_size, "files": files, "manifest": manifest}
+
+
+def test_mini_download_resumes_and_matches_the_mirror_md5sums(mini_run) -> None:
+    fetched, log, size = mini_run["fetched"], mini_run["log"], mini_run["tgz_size"]
+    assert fetched.checksums == mini_run["sums"]
+    tgz = [r for r in log if r.path == "/102flowers.tgz"]
+    assert [r.range for r in tgz] == [None, f"bytes={size // 2}-"]
+    assert sum(r.bytes_sent for r in tgz) == size  # resumed, not restarted
+    assert fetched.bytes_downloaded == sum((mini_run["mini"] / n).stat().st_size for n in RELEASE_FILES)
+
+
+def test_mini_extracts_to_a_manifest_of_3060_images_with_all_classes_in_each_split(mini_run) -> None:
+    root, manifest = mini_run["root"], mini_run["manifest"]
+    assert len(mini_run["files"]) == 3060
+    assert all(p.parent == root / "jpg" for p in mini_run["files"])
+    assert summarize_manifest(manifest) == {
+        "images_train": 1020, "images_validation": 1020, "images_test": 1020, "num_classes": 102,
+        "images_per_class_min": 30, "images_per_class_max": 30, "num_images": 3060,
+    }
+    assert (manifest.groupby("split")["label"].nunique() == 102).all()
+    # Cross-check against the mirror's own record of each image's label and split.
+    source = pd.read_csv(mini_run["mini"] / "source_ids.csv")
+    assert manifest["label"].tolist() == (source["label"] - 1).tolist()
+    assert manifest["split"].tolist() == source["split"].replace({"valid": "validation"}).tolist()
+    assert (root / manifest["path"].iloc[-1]).is_file()
+
+
+def test_mini_from_local_dir_gives_the_same_files(shared_datasets: Path, tmp_path: Path) -> None:
+    mini = shared_datasets / "oxford-flowers-102-mini"
+    sums = parse_md5sums((mini / "md5sums").read_text())
+    result = fetch_release(tmp_path, local_dir=mini, md5=sums)
+    assert result.checksums == sums and result.source == mini.resolve().as_uri()
+
+
+# -- a mirror that publishes a new release (md5: {} reads its md5sums) ----------------------------
+@pytest.fixture(scope="module")
+def two_releases(tmp_path_factory) -> tuple[Path, Path]:
+    """Release folders A and B with md5sums: B's 102flowers.tgz holds other pixels for image 1; same .mat files."""
+    from plant_pipeline.ml.data.demo_release import make_demo_release
+
+    first = make_demo_release(tmp_path_factory.mktemp("release_a"), train_per_class=1, validation_per_class=1,
+                              test_per_class=1, image_size=32).out_dir
+    second = tmp_path_factory.mktemp("release_b")
+    with tarfile.open(first / "102flowers.tgz", "r:gz") as tar:
+        members = [(m, tar.extractfile(m).read() if m.isreg() else None) for m in tar.getmembers()]
+    image_2 = next(data for m, data in members if m.name == "jpg/image_00002.jpg")
+    members = [_file(m.name, image_2) if m.name == "jpg/image_00001.jpg" else (m, data) for m, data in members]
+    _make_tgz(second / "102flowers.tgz", members)
+    for name in ("imagelabels.mat", "setid.mat"):
+        shutil.copyfile(first / name, second / name)
+    (second / "md5sums").write_text("".join(f"{md5sum(second / n)}  {n}\n" for n in RELEASE_FILES))
+    return first, second
+
+
+def _publish(release: Path, mirror: Path) -> None:
+    for name in (*RELEASE_FILES, "md5sums"):
+        shutil.copyfile(release / name, mirror / name)
+
+
+def _member_bytes(archive: Path, name: str) -> bytes:
+    with tarfile.open(archive, "r:gz") as tar:
+        return tar.extractfile(name).read()
+
+
+def test_mirror_publishing_a_new_release_is_fetched_and_extracted_on_the_next_run(tmp_path, two_releases) -> None:
+    from dagster import materialize
+
+    from plant_pipeline.defs.assets.flowers import oxford_flowers
+    from plant_pipeline.defs.resources import PipelineStorage
+
+    first, second = two_releases
+    sums = {release: parse_md5sums((release / "md5sums").read_text()) for release in two_releases}
+    assert sums[first]["102flowers.tgz"] != sums[second]["102flowers.tgz"]
+    mirror, data = tmp_path / "mirror", tmp_path / "data"
+    mirror.mkdir()
+    image = "jpg/image_00001.jpg"
+
+    def run(url: str):
+        result = materialize(
+            [oxford_flowers], resources={"storage": PipelineStorage(data_dir=str(data))},
+            run_config={"ops": {"oxford_flowers": {"config": {"base_url": url, "md5": {}}}}},
+        )
+        [event] = result.get_asset_materialization_events()
+        return event.materialization
+
+    _publish(first, mirror)
+    with LoopbackServer(mirror) as srv:
+        before = run(srv.url)
+        assert before.metadata["checksums"].value == sums[first]
+        _publish(second, mirror)
+        srv.clear_log()
+        after = run(srv.url)
+        log = [(r.path, r.status) for r in srv.requests]
+
+    assert after.metadata["checksums"].value == sums[second]
+    extracted = data / "oxford_flowers" / "extracted" / image
+    assert extracted.read_bytes() == _member_bytes(second / "102flowers.tgz", image)
+    assert extracted.read_bytes() != _member_bytes(first / "102flowers.tgz", image)
+    # The listing is asked for again; only the changed file crosses the wire.
+    assert sorted(log) == [("/102flowers.tgz", 200), ("/md5sums", 200)]
+    # Same labels, new pixels: downstream assets must see a new data version.
+    assert after.tags["dagster/data_version"] != before.tags["dagster/data_version"]
