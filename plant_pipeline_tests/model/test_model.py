@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES
-from plant_pipeline.ml.model.spec import ModelConfigError, ModelSpec, model_slug, resolve_device, resolve_dtype
-from plant_pipeline.ml.model.tiny import TINY_MODEL_NAME, build_tiny_llava
+from plant_pipeline.ml.model import TINY_MODEL_NAME, ModelConfigError, ModelSpec, TinyLlavaSpec, build_tiny_llava
+from plant_pipeline.ml.model.spec import model_slug, resolve_device, resolve_dtype
 from plant_pipeline.ml.shards.format import IGNORE_INDEX
 from plant_pipeline.ml.shards.pixels import PixelFormatError, PixelNormalizer, resize_and_crop, to_rgb
 from plant_pipeline.ml.shards.prompts import PromptEncoder
@@ -30,6 +31,19 @@ def test_tiny_model_is_deterministic_and_not_rebuilt(tmp_path, tiny_model_dir):
     build_tiny_llava(tmp_path / "again")
     assert (again / "model.safetensors").stat().st_mtime_ns == mtime
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary build folder left behind"
+
+
+def test_tiny_model_of_another_spec_replaces_the_folder_whole(tmp_path, tiny_model_dir):
+    folder = tmp_path / "tiny"
+    build_tiny_llava(folder)
+    (folder / "stale.bin").write_bytes(b"left by the old build")
+    smaller = TinyLlavaSpec(text_layers=1)
+    build_tiny_llava(folder, smaller)
+    assert json.loads((folder / "tiny_llava_spec.json").read_text())["text_layers"] == 1
+    assert json.loads((folder / "config.json").read_text())["text_config"]["num_hidden_layers"] == 1
+    assert not (folder / "stale.bin").exists(), "the new build was merged into the old folder"
+    assert _weights_digest(folder) != _weights_digest(tiny_model_dir)
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny"], "staging or old folder left behind"
 
 
 def test_model_spec_builds_tiny_model_and_loads_it_like_a_hub_model(tmp_path):
@@ -81,14 +95,29 @@ def test_prompt_encodings_differ_only_in_the_answer(tiny_processor):
     assert np.array_equal(a_ids[:start], b_ids[:start]) and not np.array_equal(a_ids, b_ids)
 
 
+class ProcessorSpy:
+    """A processor that counts its calls and can swap its tokenizer, delegating everything else."""
+
+    def __init__(self, processor, tokenizer=None):
+        self._processor = processor
+        self.tokenizer = tokenizer or processor.tokenizer
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+
 def test_batched_category_encoding_equals_one_processor_call_each(tiny_processor):
     names = list(CATEGORY_NAMES[:12]) + ["rose", "rose"]
-    encoder = PromptEncoder(tiny_processor)
-    processor_calls = []
-    ids_through_processor = encoder._ids
-    encoder._ids = lambda text: processor_calls.append(text) or ids_through_processor(text)
+    spy = ProcessorSpy(tiny_processor)
+    encoder = PromptEncoder(spy)
+    calls_for_prompt = spy.calls
     batched = encoder.encode_categories(names)
-    assert len(processor_calls) == 1, "the batch should need the processor only for its reference prompt"
+    assert spy.calls - calls_for_prompt == 1, "the batch should need the processor only for its reference prompt"
     one_by_one = PromptEncoder(tiny_processor)
     assert len(batched) == len(names)
     for name, (ids, labels) in zip(names, batched):
@@ -96,14 +125,27 @@ def test_batched_category_encoding_equals_one_processor_call_each(tiny_processor
         assert np.array_equal(ids, expected_ids) and np.array_equal(labels, expected_labels), name
 
 
-def test_batched_encoding_falls_back_to_the_processor_when_it_differs(tiny_processor, monkeypatch):
-    encoder = PromptEncoder(tiny_processor)
-    # A processor that expands its image placeholder some other way: the batch no longer matches it.
-    monkeypatch.setattr(encoder, "_tokenize_expanded", lambda texts: [np.zeros(3, np.int32) for _ in texts])
+def test_batched_encoding_falls_back_to_the_processor_when_it_differs(tiny_processor):
+    # A tokenizer that splits the image placeholder some other way: the batch no longer matches the processor.
+    tokenizer = tiny_processor.tokenizer
+
+    class OtherTokenizer:
+        def __call__(self, texts, **kwargs):
+            image = tokenizer.convert_tokens_to_ids("<image>")
+            return {"input_ids": [[tokenizer.pad_token_id, image, tokenizer.pad_token_id] for _ in texts]}
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    spy = ProcessorSpy(tiny_processor, OtherTokenizer())
+    encoder = PromptEncoder(spy)
     names = ["rose", "sunflower", "lotus"]
     expected = [PromptEncoder(tiny_processor).encode_category(name) for name in names]
+    calls_for_prompt = spy.calls
     for (ids, labels), (expected_ids, expected_labels) in zip(encoder.encode_categories(names), expected):
         assert np.array_equal(ids, expected_ids) and np.array_equal(labels, expected_labels)
+    # One call to compare the batch with, then one per name.
+    assert spy.calls - calls_for_prompt == 1 + len(names), "each name should have gone through the processor"
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK", "P", "RGBA", "LA", "I;16"])

@@ -1,7 +1,7 @@
 """Where the model comes from and how it is loaded: one ModelSpec shared by every step of the pipeline.
 
 Hub ids and local folders load through ``AutoProcessor`` / ``LlavaForConditionalGeneration.from_pretrained``;
-the name ``tiny-random-llava`` is first built locally (see tiny_model.py) and then loaded the same way.
+the name ``tiny-random-llava`` is first built locally (see tiny.py) and then loaded the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from plant_pipeline.ml.model.tiny import TINY_MODEL_NAME, build_tiny_llava
 logger = logging.getLogger(__name__)
 
 DEFAULT_REAL_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
-LARGE_MODEL = "llava-hf/llava-1.5-7b-hf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.files import staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +26,7 @@ IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
 EOS_TOKEN = "</s>"
+SPEC_FILE = "tiny_llava_spec.json"
 
 # LLaVA-1.5 style conversation; the generation prompt ends where the answer starts.
 CHAT_TEMPLATE = (
@@ -94,10 +94,13 @@ def _build_tokenizer(spec: TinyLlavaSpec):
     )
 
 
-def _build_processor(spec: TinyLlavaSpec, tokenizer):
+def build_tiny_processor(spec: TinyLlavaSpec = TinyLlavaSpec()):
+    """The tiny model's ``LlavaProcessor`` (its tokenizer trained here, deterministically); also a processor for
+    random models of other shapes that need no real vocabulary."""
     from transformers import LlavaProcessor
     from transformers.models.clip import CLIPImageProcessorPil
 
+    tokenizer = _build_tokenizer(spec)
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -157,26 +160,18 @@ def _build_model(spec: TinyLlavaSpec, tokenizer):
 def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
     """Build the tiny model deterministically into ``out_dir`` unless it is already there with this spec.
 
-    Written to a temporary folder beside ``out_dir`` and renamed into place, so a crash never leaves a
-    half-saved model that a later run would load.
+    Saved into a staging folder that then replaces ``out_dir`` whole, so a crash never leaves a half-saved
+    model that a later run would load.
     """
     out_dir = Path(out_dir)
-    spec_file = out_dir / "tiny_llava_spec.json"
+    spec_file = out_dir / SPEC_FILE
     if spec_file.exists() and json.loads(spec_file.read_text()) == asdict(spec):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     logger.info("building %s into %s", TINY_MODEL_NAME, out_dir)
-    tokenizer = _build_tokenizer(spec)
-    processor = _build_processor(spec, tokenizer)
-    model = _build_model(spec, tokenizer)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / "tiny_llava_spec.json").write_text(json.dumps(asdict(spec), indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    processor = build_tiny_processor(spec)
+    model = _build_model(spec, processor.tokenizer)
+    with staging_folder(out_dir) as staged:
+        model.save_pretrained(staged)
+        processor.save_pretrained(staged)
+        (staged / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
     return out_dir
