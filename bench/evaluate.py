@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from plant_pipeline.ml.evaluation.evaluate import evaluate_shards  # noqa: E402
-from plant_pipeline.ml.model.tiny import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from plant_pipeline.ml.evaluation import evaluate_shards  # noqa: E402
+from plant_pipeline.ml.model import TinyLlavaSpec, build_tiny_llava, build_tiny_processor  # noqa: E402
 from plant_pipeline.ml.testing import write_toy_shards  # noqa: E402
 
 GOAL = 20.0
@@ -45,11 +45,8 @@ def build_interleave_shaped(device: torch.device, dtype: torch.dtype):
     vision tower, Qwen2-0.5B text (24 layers, 896 hidden, 2 KV heads, 151,936-token vocabulary)."""
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    from plant_pipeline.ml.model import tiny as tiny_model
-
-    spec = TinyLlavaSpec(image_size=384, patch_size=14)
-    tokenizer = tiny_model._build_tokenizer(spec)
-    processor = tiny_model._build_processor(spec, tokenizer)
+    processor = build_tiny_processor(TinyLlavaSpec(image_size=384, patch_size=14))
+    tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=384, patch_size=14, projection_dim=1024)
     text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

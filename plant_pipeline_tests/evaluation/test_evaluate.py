@@ -1,5 +1,5 @@
-"""Tests of evaluate.py on the tiny random LLaVA: shared-prefix ranking against the naive scorer, normalisation,
-answer matching, and evaluate_shards on the toy shards."""
+"""Tests of scoring.py, answers.py and evaluate.py on the tiny random LLaVA: shared-prefix ranking against the naive
+scorer, normalisation, answer matching, and evaluate_shards on the toy shards."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES
-from plant_pipeline.ml.evaluation.evaluate import (
-    PREDICTION_COLUMNS,
+from plant_pipeline.ml.evaluation import EvaluationError, evaluate_shards
+from plant_pipeline.ml.evaluation.answers import generate_answers, match_answer
+from plant_pipeline.ml.evaluation.evaluate import PREDICTION_COLUMNS
+from plant_pipeline.ml.evaluation.scoring import (
     CandidateSet,
-    EvaluationError,
-    evaluate_shards,
-    generate_answers,
-    match_answer,
     normalize_scores,
     score_candidates_naive,
     score_candidates_shared_prefix,

@@ -1,10 +1,11 @@
-"""Tests of metrics.py and plots.py on hand-made predictions: per-class table, summary, confusion, comparison, report."""
+"""Tests of metrics.py, plots.py and report.py on hand-made predictions: per-class table, summary, confusion, comparison, report."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -20,13 +21,8 @@ from plant_pipeline.ml.evaluation.metrics import (
     per_class_table,
     summary_metrics,
 )
-from plant_pipeline.ml.evaluation.plots import (
-    PREDICTIONS_FILE,
-    plot_confusion_matrix,
-    plot_per_class_accuracy,
-    read_report,
-    write_report,
-)
+from plant_pipeline.ml.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy
+from plant_pipeline.ml.evaluation.report import PREDICTIONS_FILE, read_report, write_report
 
 NAMES = ("aster", "bluebell", "crocus", "daisy")
 
@@ -173,3 +169,22 @@ def test_report_without_a_previous_run(hand_made, tmp_path):
     text = write_report(tmp_path, summary, table, compare(summary, table, None), {}).read_text()
     assert "No previous evaluation to compare with." in text
     assert not (tmp_path / PREDICTIONS_FILE).exists()
+
+
+def test_a_predictions_write_that_fails_halfway_keeps_the_previous_file(hand_made, tmp_path, monkeypatch):
+    summary, table = summary_metrics(hand_made, NAMES), per_class_table(hand_made, NAMES)
+    write_report(tmp_path, summary, table, None, {}, hand_made)
+    before = (tmp_path / PREDICTIONS_FILE).read_bytes()
+
+    def half_then_fail(frame, target, **kwargs):
+        if isinstance(target, (str, os.PathLike)):
+            target = open(target, "wb")  # noqa: SIM115 (left open, as a crash would)
+        target.write(before[: len(before) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(tmp_path, summary, table, None, {}, hand_made)
+    assert (tmp_path / PREDICTIONS_FILE).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.md", "summary.json", "per_class.csv",
+                                                                  PREDICTIONS_FILE]), "a partial file was left"

@@ -20,18 +20,21 @@ from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES
-from plant_pipeline.ml.evaluation.evaluate import evaluate_shards
-from plant_pipeline.ml.evaluation.metrics import (
+from plant_pipeline.ml.evaluation import (
     compare,
     confusion_matrix,
+    evaluate_shards,
     missing_classes,
     per_class_table,
+    plot_confusion_matrix,
+    plot_per_class_accuracy,
+    read_report,
     summary_metrics,
+    write_report,
 )
-from plant_pipeline.ml.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy, read_report, write_report
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.shards.format import INDEX_FILE
-from plant_pipeline.ml.training.run import load_trained
+from plant_pipeline.ml.training import load_trained
 
 
 class ModelEvaluationConfig(Config):

@@ -6,7 +6,7 @@ none) and correct; top5 (a list of labels per row) is optional.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
