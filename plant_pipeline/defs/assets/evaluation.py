@@ -19,7 +19,7 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data import CATEGORY_NAMES
 from plant_pipeline.ml.evaluation import (
     compare,
     confusion_matrix,
@@ -33,7 +33,7 @@ from plant_pipeline.ml.evaluation import (
     write_report,
 )
 from plant_pipeline.ml.files import sha256_file
-from plant_pipeline.ml.shards.format import INDEX_FILE
+from plant_pipeline.ml.shards import INDEX_FILE
 from plant_pipeline.ml.training import load_trained
 
 
