@@ -53,9 +53,8 @@ def find_data(arg: str | None) -> Path:
 
 def score(model, processor, shards_dir: Path, batch_size: int, max_samples: int | None, label: str):
     """Rank evaluation of the test split, as the model_evaluation asset does it."""
-    from plant_pipeline.ml.data.categories import CATEGORY_NAMES
-    from plant_pipeline.ml.evaluation.evaluate import evaluate_shards
-    from plant_pipeline.ml.evaluation.metrics import summary_metrics
+    from plant_pipeline.ml.data import CATEGORY_NAMES
+    from plant_pipeline.ml.evaluation import evaluate_shards, summary_metrics
 
     def progress(done: int, total: int | None) -> None:
         if done == total or done % (batch_size * 16) == 0:
@@ -69,14 +68,17 @@ def score(model, processor, shards_dir: Path, batch_size: int, max_samples: int 
 def run(args: argparse.Namespace, data: Path, work: Path) -> dict:
     import torch
 
-    from plant_pipeline.ml.data.categories import NUM_CLASSES
-    from plant_pipeline.ml.data.download import fetch_release, parse_md5sums, safe_extract_tgz
-    from plant_pipeline.ml.data.manifest import summarize_manifest
-    from plant_pipeline.ml.data.oxford import build_manifest
-    from plant_pipeline.ml.model.spec import ModelSpec
-    from plant_pipeline.ml.shards.build import ShardConfig, build_shards
-    from plant_pipeline.ml.model.tiny import TINY_MODEL_NAME
-    from plant_pipeline.ml.training.run import TrainConfig, load_trained, train
+    from plant_pipeline.ml.data import (
+        NUM_CLASSES,
+        build_manifest,
+        fetch_release,
+        parse_md5sums,
+        safe_extract_tgz,
+        summarize_manifest,
+    )
+    from plant_pipeline.ml.model import TINY_MODEL_NAME, ModelSpec
+    from plant_pipeline.ml.shards import ShardConfig, build_shards
+    from plant_pipeline.ml.training import TrainConfig, load_trained, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,8 +1,8 @@
 """``incoming_photos_sensor``: new photos under data/incoming/ launch a run that takes them in and rebuilds the shards.
 
 Created stopped, as Dagster sensors and schedules are; a person turns it on in the UI (Automation). A tick only
-lists incoming/ (a stat per file) and reads the ledger: it opens no photo, so 10,000 new ones cost it well under a
-second; the run hashes, dedupes and decodes. The run key is derived from the path, size and mtime of the files
+lists incoming/ (a stat per file) and reads the ledger: it opens no photo, so a large drop stays cheap; the run
+hashes, dedupes and decodes. The run key is derived from the path, size and mtime of the files
 to read, so however often it ticks, one set of files starts one run.
 """
 
@@ -23,7 +23,7 @@ from dagster import (
 
 from plant_pipeline.defs.automation import USER_PHOTO_ASSETS, add_user_photos_job
 from plant_pipeline.defs.resources import PipelineStorage
-from plant_pipeline.ml.data import incoming
+from plant_pipeline.ml.data import DEFAULT_SETTLE_S, Skipped, scan_incoming
 
 INTERVAL_SECONDS = 60
 _LISTED = 10  # files named in a skip reason; the count says how many there were
@@ -41,7 +41,7 @@ def new_photos_run_key(files: list[tuple[str, int, int]]) -> str:
     return "user-photos-" + _digest("\n".join(f"{path}\0{size}\0{mtime_ns}" for path, size, mtime_ns in sorted(files)))
 
 
-def _listing(skipped: list[incoming.Skipped]) -> str:
+def _listing(skipped: list[Skipped]) -> str:
     shown = "; ".join(f"{s.original}: {s.reason}" for s in skipped[:_LISTED])
     return shown + (f"; and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else "")
 
@@ -57,7 +57,7 @@ def _listing(skipped: list[incoming.Skipped]) -> str:
     "and named in the skip reason and the log.",
 )
 def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineStorage) -> SensorResult:
-    scan = incoming.scan_incoming(storage.path())  # lists; opens no file under incoming/
+    scan = scan_incoming(storage.path())  # lists; opens no file under incoming/
     problems = [[s.original, s.reason] for s in scan.rejected]
     # The cursor remembers which problems were logged, so a file left in place is warned about once, not every tick.
     cursor = json.dumps({"rejected": len(problems), "digest": _digest(json.dumps(problems))})
@@ -72,7 +72,7 @@ def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineSt
             names = ", ".join(s.original for s in scan.waiting[:_LISTED])
             more = f" and {len(scan.waiting) - _LISTED} more" if len(scan.waiting) > _LISTED else ""
             reason += (f"; {len(scan.waiting)} files still being written (modified in the last "
-                       f"{incoming.DEFAULT_SETTLE_S:g} s), looked at on a later tick: {names}{more}")
+                       f"{DEFAULT_SETTLE_S:g} s), looked at on a later tick: {names}{more}")
         if scan.rejected:
             reason += f"; {len(scan.rejected)} files left in place: {_listing(scan.rejected)}"
         return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)

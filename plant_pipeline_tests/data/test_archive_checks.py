@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from plant_pipeline.ml.data import download
-from plant_pipeline.ml.data.download import ArchiveError, ExtractLimits, safe_extract_tgz
-from plant_pipeline_tests.data.test_download import _file, _good_members, _make_tgz
-
-
-def _folder(name: str) -> tuple[tarfile.TarInfo, None]:
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    return info, None
+from plant_pipeline.ml.data import archive as archive_module
+from plant_pipeline.ml.data.archive import ArchiveError, ExtractLimits, safe_extract_tgz
+from plant_pipeline_tests.data.archives import (
+    good_members,
+    make_tgz,
+    tar_file,
+    tar_folder,
+)
 
 
 def _assert_nothing_extracted(root: Path) -> None:
@@ -32,7 +31,7 @@ def _assert_nothing_extracted(root: Path) -> None:
     ids=["same-name", "dot-prefix", "double-slash"],
 )
 def test_a_member_listed_twice_is_refused_rather_than_the_last_one_winning(tmp_path, second) -> None:
-    archive = _make_tgz(tmp_path / "dup.tgz", _good_members() + [_file(second, b"second copy")])
+    archive = make_tgz(tmp_path / "dup.tgz", good_members() + [tar_file(second, b"second copy")])
     root = tmp_path / "root"
     with pytest.raises(ArchiveError) as info:
         safe_extract_tgz(archive, root)
@@ -44,9 +43,9 @@ def test_a_member_listed_twice_is_refused_rather_than_the_last_one_winning(tmp_p
 
 @pytest.mark.parametrize("file_first", [True, False], ids=["file-then-folder", "folder-then-file"])
 def test_a_regular_file_named_jpg_beside_the_jpg_folder_is_a_clear_archive_error(tmp_path, file_first) -> None:
-    clash = _file("jpg", b"not a folder")
-    members = [clash] + _good_members() if file_first else _good_members() + [clash]
-    archive = _make_tgz(tmp_path / "clash.tgz", members)
+    clash = tar_file("jpg", b"not a folder")
+    members = [clash] + good_members() if file_first else good_members() + [clash]
+    archive = make_tgz(tmp_path / "clash.tgz", members)
     root = tmp_path / "root"
     with pytest.raises(ArchiveError) as info:
         safe_extract_tgz(archive, root)
@@ -57,38 +56,38 @@ def test_a_regular_file_named_jpg_beside_the_jpg_folder_is_a_clear_archive_error
 
 
 def test_a_regular_file_named_jpg_and_nothing_else_says_the_folder_is_missing(tmp_path) -> None:
-    archive = _make_tgz(tmp_path / "flat.tgz", [_file("jpg", b"x" * 100)])
+    archive = make_tgz(tmp_path / "flat.tgz", [tar_file("jpg", b"x" * 100)])
     with pytest.raises(ArchiveError, match=r"flat\.tgz.*no regular files under jpg/.*found: jpg \(a file\)"):
         safe_extract_tgz(archive, tmp_path / "root")
 
 
 # -- backslashes: normalised to folder separators -------------------------------------------------
 def test_backslash_member_names_are_extracted_as_folders_and_skipped_on_rerun(tmp_path, monkeypatch) -> None:
-    members = [_file(f"jpg\\image_{i:05d}.jpg", bytes([i]) * 500) for i in (1, 2)]
-    archive = _make_tgz(tmp_path / "win.tgz", members)
+    members = [tar_file(f"jpg\\image_{i:05d}.jpg", bytes([i]) * 500) for i in (1, 2)]
+    archive = make_tgz(tmp_path / "win.tgz", members)
     root = tmp_path / "root"
     files = safe_extract_tgz(archive, root)
     assert files == [root / "jpg" / "image_00001.jpg", root / "jpg" / "image_00002.jpg"]
     assert (root / "jpg" / "image_00002.jpg").read_bytes() == b"\x02" * 500
-    assert sorted(p.name for p in root.iterdir()) == [download.EXTRACT_MARKER, "jpg"]
+    assert sorted(p.name for p in root.iterdir()) == [archive_module.EXTRACT_MARKER, "jpg"]
 
     def no_open(*args, **kwargs):
         raise AssertionError("an archive extracted once must not be extracted again")
 
-    monkeypatch.setattr(download.tarfile, "open", no_open)
+    monkeypatch.setattr(archive_module.tarfile, "open", no_open)
     assert safe_extract_tgz(archive, root) == files
 
 
 def test_a_backslash_name_that_repeats_a_slash_name_is_a_duplicate(tmp_path) -> None:
-    members = _good_members() + [_file("jpg\\image_00001.jpg", b"other")]
+    members = good_members() + [tar_file("jpg\\image_00001.jpg", b"other")]
     with pytest.raises(ArchiveError, match=r"jpg/image_00001\.jpg.*2 times"):
-        safe_extract_tgz(_make_tgz(tmp_path / "mixed.tgz", members), tmp_path / "root")
+        safe_extract_tgz(make_tgz(tmp_path / "mixed.tgz", members), tmp_path / "root")
 
 
 # -- the release's jpg/ folder ----------------------------------------------------------------------
 def test_an_archive_without_a_jpg_folder_says_so_and_lists_what_it_holds(tmp_path) -> None:
-    members = [_folder("102flowers"), _file("102flowers/jpg/image_00001.jpg", b"x" * 100), _file("README", b"r")]
-    archive = _make_tgz(tmp_path / "nested.tgz", members)
+    members = [tar_folder("102flowers"), tar_file("102flowers/jpg/image_00001.jpg", b"x" * 100), tar_file("README", b"r")]
+    archive = make_tgz(tmp_path / "nested.tgz", members)
     root = tmp_path / "root"
     with pytest.raises(ArchiveError) as info:
         safe_extract_tgz(archive, root)
@@ -99,14 +98,14 @@ def test_an_archive_without_a_jpg_folder_says_so_and_lists_what_it_holds(tmp_pat
 
 
 def test_another_image_folder_can_be_asked_for(tmp_path) -> None:
-    archive = _make_tgz(tmp_path / "png.tgz", [_file("png/image_00001.png", b"p" * 100)])
+    archive = make_tgz(tmp_path / "png.tgz", [tar_file("png/image_00001.png", b"p" * 100)])
     assert safe_extract_tgz(archive, tmp_path / "root", expect_folder="png") == [tmp_path / "root/png/image_00001.png"]
 
 
 # -- size caps ------------------------------------------------------------------------------------------
 def _zeros_tgz(path: Path, n_files: int, file_size: int) -> Path:
     """A decompression bomb in miniature: zeros compress about 1000:1."""
-    return _make_tgz(path, [_file(f"jpg/image_{i:05d}.jpg", bytes(file_size)) for i in range(1, n_files + 1)])
+    return make_tgz(path, [tar_file(f"jpg/image_{i:05d}.jpg", bytes(file_size)) for i in range(1, n_files + 1)])
 
 
 def test_default_limits_refuse_a_highly_compressed_archive_before_writing(tmp_path, monkeypatch) -> None:
@@ -127,8 +126,8 @@ def test_default_limits_refuse_a_highly_compressed_archive_before_writing(tmp_pa
 
 def test_a_lowered_total_cap_refuses_the_archive_naming_sizes_and_the_knob(tmp_path) -> None:
     rng = random.Random(3)
-    members = [_file(f"jpg/image_{i:05d}.jpg", rng.randbytes(100_000)) for i in range(1, 4)]
-    archive = _make_tgz(tmp_path / "big.tgz", members)
+    members = [tar_file(f"jpg/image_{i:05d}.jpg", rng.randbytes(100_000)) for i in range(1, 4)]
+    archive = make_tgz(tmp_path / "big.tgz", members)
     root = tmp_path / "root"
     with pytest.raises(ArchiveError) as info:
         safe_extract_tgz(archive, root, limits=ExtractLimits(max_total_bytes=250_000))
@@ -143,11 +142,11 @@ def test_a_lowered_total_cap_refuses_the_archive_naming_sizes_and_the_knob(tmp_p
 
 def test_the_caps_are_enforced_while_writing_when_headers_understate_the_size(tmp_path, monkeypatch) -> None:
     rng = random.Random(4)
-    members = [_file(f"jpg/image_{i:05d}.jpg", rng.randbytes(100_000)) for i in range(1, 4)]
-    archive = _make_tgz(tmp_path / "lying.tgz", members)
+    members = [tar_file(f"jpg/image_{i:05d}.jpg", rng.randbytes(100_000)) for i in range(1, 4)]
+    archive = make_tgz(tmp_path / "lying.tgz", members)
     # Let the header check see only a tenth of each size, as a header that lies about a member would.
-    real_sizes = download._header_size
-    monkeypatch.setattr(download, "_header_size", lambda member: real_sizes(member) // 10)
+    real_sizes = archive_module.header_size
+    monkeypatch.setattr(archive_module, "header_size", lambda member: real_sizes(member) // 10)
     root = tmp_path / "root"
     with pytest.raises(ArchiveError, match=r"lying\.tgz.*while writing.*250,000"):
         safe_extract_tgz(archive, root, limits=ExtractLimits(max_total_bytes=250_000))
@@ -155,7 +154,7 @@ def test_the_caps_are_enforced_while_writing_when_headers_understate_the_size(tm
 
 
 def test_the_member_count_is_capped(tmp_path) -> None:
-    archive = _make_tgz(tmp_path / "many.tgz", [_file(f"jpg/image_{i:05d}.jpg", b"x") for i in range(1, 12)])
+    archive = make_tgz(tmp_path / "many.tgz", [tar_file(f"jpg/image_{i:05d}.jpg", b"x") for i in range(1, 12)])
     with pytest.raises(ArchiveError, match=r"many\.tgz.*more than 10 members"):
         safe_extract_tgz(archive, tmp_path / "root", limits=ExtractLimits(max_members=10))
 
@@ -186,7 +185,7 @@ def test_gzip_wrapped_tar_written_by_hand_still_extracts(tmp_path) -> None:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for i in (1, 2):
-            info, data = _file(f"jpg/image_{i:05d}.jpg", bytes([i]) * 10)
+            info, data = tar_file(f"jpg/image_{i:05d}.jpg", bytes([i]) * 10)
             tar.addfile(info, io.BytesIO(data))
     archive = tmp_path / "plain.tgz"
     archive.write_bytes(gzip.compress(raw.getvalue()))

@@ -16,13 +16,13 @@ from PIL import Image
 
 from plant_pipeline.ml.data import demo_release
 from plant_pipeline.ml.data.categories import NUM_CLASSES
-from plant_pipeline.ml.data.demo_release import (
+from plant_pipeline.ml.data.demo_drawing import (
     CLASS_DESIGNS,
     DemoDataError,
     describe_class,
-    make_demo_release,
     preview_grid,
 )
+from plant_pipeline.ml.data.demo_release import make_demo_release
 
 # Small enough to generate in about half a second; 2 training images a class feed the centroid test.
 SMALL = dict(train_per_class=2, validation_per_class=1, test_per_class=1, image_size=48)
@@ -167,7 +167,7 @@ def test_a_failed_generation_leaves_nothing_behind(tmp_path: Path, monkeypatch: 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(demo_release, "_write_mat", fail)
+    monkeypatch.setattr(scipy.io, "savemat", fail)
     with pytest.raises(OSError, match="disk full"):
         make_demo_release(
             tmp_path / "r", train_per_class=1, validation_per_class=1, test_per_class=1, image_size=32

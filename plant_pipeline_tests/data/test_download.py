@@ -1,4 +1,4 @@
-"""Tests for plant_pipeline.ml.data.download: resumable, retried, verified downloads and safe extraction.
+"""Tests for plant_pipeline.ml.data.download: resumable, retried, verified downloads (extraction: test_archive.py).
 
 Network tests talk to a LoopbackServer on 127.0.0.1; the end-to-end tests serve the real mini mirror
 from the shared datasets folder.
@@ -6,8 +6,6 @@ from the shared datasets folder.
 
 from __future__ import annotations
 
-import io
-import json
 import random
 import shutil
 import tarfile
@@ -16,23 +14,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from plant_pipeline.ml.data import download
+from plant_pipeline.ml.data.archive import safe_extract_tgz
 from plant_pipeline.ml.data.download import (
     OFFICIAL_MD5,
     RELEASE_FILES,
-    ArchiveError,
     ChecksumError,
     DownloadError,
-    UnsafeArchiveError,
     download_file,
     fetch_md5sums,
     fetch_release,
     md5sum,
     parse_md5sums,
-    safe_extract_tgz,
 )
 from plant_pipeline.ml.data.manifest import summarize_manifest
 from plant_pipeline.ml.data.oxford import build_manifest
+from plant_pipeline_tests.data.archives import make_tgz, tar_file
 from plant_pipeline_tests.http_server import LoopbackServer, free_port
 
 BLOB_SIZE = 300_000
@@ -304,110 +300,6 @@ def test_fetch_md5sums_reads_the_listing_and_says_what_to_do_without_one(tmp_pat
         fetch_md5sums(tmp_path / "dl", local_dir=root)
 
 
-# -- safe_extract_tgz ---------------------------------------------------------------------------
-def _file(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    return info, data
-
-
-def _special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = linkname
-    return info, None
-
-
-def _make_tgz(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for info, data in members:
-            tar.addfile(info, io.BytesIO(data) if data is not None else None)
-    return path
-
-
-def _good_members(tag: bytes = b"A", n: int = 3) -> list[tuple[tarfile.TarInfo, bytes | None]]:
-    folder = tarfile.TarInfo("jpg")
-    folder.type = tarfile.DIRTYPE
-    return [(folder, None)] + [_file(f"jpg/image_{i:05d}.jpg", tag * 1000 + bytes([i])) for i in range(1, n + 1)]
-
-
-def test_extract_moves_files_in_keeps_other_content_and_skips_on_rerun(tmp_path, monkeypatch) -> None:
-    archive = _make_tgz(tmp_path / "a.tgz", _good_members())
-    root = tmp_path / "root"
-    (root / "downloads").mkdir(parents=True)
-    (root / "downloads" / "keep.txt").write_text("keep")
-
-    files = safe_extract_tgz(archive, root)
-    assert files == [root / f"jpg/image_0000{i}.jpg" for i in (1, 2, 3)]
-    assert (root / "jpg/image_00002.jpg").read_bytes() == b"A" * 1000 + b"\x02"
-    assert (root / "downloads" / "keep.txt").read_text() == "keep"
-    assert json.loads((root / download.EXTRACT_MARKER).read_text())["md5"] == md5sum(archive)
-    assert sorted(p.name for p in root.iterdir()) == [download.EXTRACT_MARKER, "downloads", "jpg"]
-
-    def no_open(*args, **kwargs):
-        raise AssertionError("a re-run with the same archive must not open it")
-
-    monkeypatch.setattr(download.tarfile, "open", no_open)
-    assert safe_extract_tgz(archive, root) == files
-
-
-def test_extract_redoes_work_for_a_new_archive_or_missing_files(tmp_path) -> None:
-    root = tmp_path / "root"
-    safe_extract_tgz(_make_tgz(tmp_path / "a.tgz", _good_members(b"A", 3)), root)
-    newer = _make_tgz(tmp_path / "b.tgz", _good_members(b"B", 2))
-    files = safe_extract_tgz(newer, root)
-    # The archive's jpg/ replaces the old one: no stale image_00003 from the first archive.
-    assert sorted(p.name for p in (root / "jpg").iterdir()) == ["image_00001.jpg", "image_00002.jpg"]
-    assert files[0].read_bytes().startswith(b"B")
-    files[1].unlink()
-    assert safe_extract_tgz(newer, root) == files and files[1].is_file()
-
-
-@pytest.mark.parametrize(
-    "member",
-    [
-        _file("../evil.txt", b"x"),
-        _file("jpg/../../evil.txt", b"x"),
-        _file("/tmp/plant_pipeline_evil.txt", b"x"),
-        _special("jpg/link.jpg", tarfile.SYMTYPE, "/etc/passwd"),
-        _special("jpg/hard.jpg", tarfile.LNKTYPE, "jpg/image_00001.jpg"),
-        _special("jpg/dev", tarfile.CHRTYPE),
-        _special("jpg/fifo", tarfile.FIFOTYPE),
-    ],
-    ids=["dotdot", "nested-dotdot", "absolute", "symlink", "hardlink", "device", "fifo"],
-)
-def test_unsafe_member_is_refused_and_nothing_is_left(tmp_path, member) -> None:
-    archive = _make_tgz(tmp_path / "bad.tgz", _good_members() + [member])
-    root = tmp_path / "a" / "root"
-    with pytest.raises(UnsafeArchiveError) as info:
-        safe_extract_tgz(archive, root)
-    assert "bad.tgz" in str(info.value) and member[0].name in str(info.value)
-    # The good members extracted before the bad one were rolled back, and nothing escaped.
-    assert list(root.iterdir()) == []
-    assert not (tmp_path / "a" / "evil.txt").exists() and not (tmp_path / "evil.txt").exists()
-    assert not Path("/tmp/plant_pipeline_evil.txt").exists()
-
-
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "not-gzip"])
-def test_corrupt_archive_gives_a_clear_error_and_extracts_nothing(tmp_path, damage) -> None:
-    rng = random.Random(2)
-    members = [_file(f"jpg/image_{i:05d}.jpg", rng.randbytes(30_000)) for i in range(1, 6)]
-    archive = _make_tgz(tmp_path / "flowers.tgz", members)
-    data = bytearray(archive.read_bytes())
-    if damage == "truncated":
-        data = data[: len(data) // 2]
-    elif damage == "flipped":
-        for i in range(len(data) // 2, len(data) // 2 + 64):
-            data[i] ^= 0xFF
-    else:
-        data = bytearray(b"<html>not found</html>" * 100)
-    archive.write_bytes(bytes(data))
-    root = tmp_path / "root"
-    with pytest.raises(ArchiveError, match="flowers.tgz"):
-        safe_extract_tgz(archive, root)
-    assert list(root.iterdir()) == []
-
-
 # -- the real mini mirror, end to end -------------------------------------------------------------
 def test_official_label_files_pass_the_official_md5(shared_datasets: Path) -> None:
     official = shared_datasets / "oxford-flowers-102-official"
@@ -476,8 +368,8 @@ def two_releases(tmp_path_factory) -> tuple[Path, Path]:
     with tarfile.open(first / "102flowers.tgz", "r:gz") as tar:
         members = [(m, tar.extractfile(m).read() if m.isreg() else None) for m in tar.getmembers()]
     image_2 = next(data for m, data in members if m.name == "jpg/image_00002.jpg")
-    members = [_file(m.name, image_2) if m.name == "jpg/image_00001.jpg" else (m, data) for m, data in members]
-    _make_tgz(second / "102flowers.tgz", members)
+    members = [tar_file(m.name, image_2) if m.name == "jpg/image_00001.jpg" else (m, data) for m, data in members]
+    make_tgz(second / "102flowers.tgz", members)
     for name in ("imagelabels.mat", "setid.mat"):
         shutil.copyfile(first / name, second / name)
     (second / "md5sums").write_text("".join(f"{md5sum(second / n)}  {n}\n" for n in RELEASE_FILES))

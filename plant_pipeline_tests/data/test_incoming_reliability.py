@@ -21,6 +21,7 @@ from plant_pipeline.defs.assets.user_photos import user_photos
 from plant_pipeline.defs.resources import PipelineStorage
 from plant_pipeline.defs.sensors import incoming_photos_sensor
 from plant_pipeline.ml.data import incoming
+from plant_pipeline.ml.data.incoming import ledger, reading, store
 
 
 def _sha(data: bytes) -> str:
@@ -75,12 +76,12 @@ class _Counted:
 
 
 class _ReadCounter:
-    """Counts the bytes the intake reads from each file under incoming/ (every read goes through _open_file)."""
+    """Counts the bytes the intake reads from each file under incoming/ (every read goes through open_photo)."""
 
     def __init__(self, monkeypatch):
         self.read: dict[str, int] = {}
-        opener = incoming._open_file
-        monkeypatch.setattr(incoming, "_open_file", lambda path: _Counted(opener(path), self.read, Path(path).name))
+        opener = reading.open_photo
+        monkeypatch.setattr(reading, "open_photo", lambda path: _Counted(opener(path), self.read, Path(path).name))
 
 
 # --- 1. a large drop: the sensor lists, the run reads ---------------------------------------------
@@ -107,7 +108,7 @@ def test_a_tick_over_10000_new_files_reads_none_of_them(tmp_path, monkeypatch):
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", refuse)
-    monkeypatch.setattr(incoming, "_open_file", refuse, raising=False)
+    monkeypatch.setattr(reading, "open_photo", refuse)
     monkeypatch.setattr(builtins, "open", open_outside_incoming)
     monkeypatch.setattr(io, "open", open_outside_incoming)
     with instance_for_test() as instance:
@@ -181,7 +182,7 @@ def test_the_ledger_is_written_after_the_manifest(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing the manifest")
 
-    monkeypatch.setattr(incoming, "write_manifest", crash)
+    monkeypatch.setattr(store, "write_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
         incoming.ingest(tmp_path)
     assert not incoming.ledger_path(tmp_path).exists()
@@ -294,7 +295,7 @@ def test_a_non_image_is_sniffed_by_its_header_and_remembered(tmp_path, monkeypat
 
     first = incoming.ingest(tmp_path)
     assert "not an image" in {s.original: s.reason for s in first.rejected}["incoming/rose/archive.jpg"]
-    assert 0 < counter.read["archive.jpg"] <= incoming.HEAD_BYTES, "only the header is read"
+    assert 0 < counter.read["archive.jpg"] <= reading.HEAD_BYTES, "only the header is read"
     counter.read.clear()
     again = incoming.ingest(tmp_path)
     assert [s.original for s in again.rejected] == ["incoming/rose/archive.jpg"] and counter.read == {}
@@ -344,7 +345,7 @@ def test_a_ledger_of_format_1_is_read_and_extended(tmp_path):
     _photo(tmp_path / "incoming" / "rose" / "b.jpg", 2)
     result = incoming.ingest(tmp_path)
     assert (result.scan.known, [p["image_id"] for p in result.added]) == (1, [1_000_002])
-    assert json.loads(incoming.ledger_path(tmp_path).read_text())["format_version"] == incoming.LEDGER_FORMAT_VERSION
+    assert json.loads(incoming.ledger_path(tmp_path).read_text())["format_version"] == ledger.LEDGER_FORMAT_VERSION
 
 
 def test_new_files_wait_while_an_intake_run_is_in_flight(tmp_path):

@@ -14,16 +14,24 @@ from dagster import (
     instance_for_test,
 )
 
-from plant_pipeline.definitions import defs
-from plant_pipeline.defs.automation import RETRAIN_CRON, retraining_reason, retraining_schedule
+from plant_pipeline import definitions
+from plant_pipeline.defs.automation import RETRAIN_CRON, retraining_reason
+
+defs = definitions.defs()  # the Definitions the code location loads
 
 
 def _report(instance, asset: str, **tags: str) -> None:
     instance.report_runless_asset_event(AssetMaterialization(asset_key=asset, tags=tags))
 
 
-def _evaluate(instance):
-    return retraining_schedule(build_schedule_context(instance=instance))
+def _evaluate(instance) -> RunRequest | SkipReason:
+    """The retraining schedule's decision, through the schedule the code location loads."""
+    schedule = defs.resolve_schedule_def("retraining_schedule")
+    tick = schedule.evaluate_tick(build_schedule_context(instance=instance))
+    if tick.skip_message is not None:
+        return SkipReason(tick.skip_message)
+    [request] = tick.run_requests
+    return request
 
 
 def test_jobs_cover_the_graph_and_the_schedule_starts_stopped():

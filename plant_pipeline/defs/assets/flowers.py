@@ -20,17 +20,19 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import ProgressLog, table
 from plant_pipeline.defs.resources import PipelineStorage
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
-from plant_pipeline.ml.data.download import (
+from plant_pipeline.ml.data import (
+    CATEGORY_NAMES,
     OFFICIAL_BASE_URL,
     OFFICIAL_MD5,
     ExtractLimits,
+    build_manifest,
     fetch_md5sums,
     fetch_release,
+    read_manifest,
     safe_extract_tgz,
+    summarize_manifest,
+    write_manifest,
 )
-from plant_pipeline.ml.data.manifest import read_manifest, summarize_manifest, write_manifest
-from plant_pipeline.ml.data.oxford import build_manifest
 from plant_pipeline.ml.files import atomic_write_json, sha256_file
 
 # Manifest paths are relative to the data root, so every source (the official release, later user photos)

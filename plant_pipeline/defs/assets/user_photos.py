@@ -17,7 +17,7 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import table
 from plant_pipeline.defs.resources import PipelineStorage
-from plant_pipeline.ml.data import incoming
+from plant_pipeline.ml.data import DEFAULT_MAX_BYTES, DEFAULT_SETTLE_S, IngestResult, intake, user_manifest
 from plant_pipeline.ml.files import sha256_file
 
 _LISTED = 50  # rows of the metadata tables; the counts say how many there were
@@ -30,13 +30,13 @@ class UserPhotosConfig(Config):
         "Photos taken in earlier keep theirs.",
     )
     max_photo_mb: float = Field(
-        default=incoming.DEFAULT_MAX_BYTES / 1e6,
+        default=DEFAULT_MAX_BYTES / 1e6,
         gt=0,
         description="Files larger than this many megabytes (10^6 bytes) are left in place unread, with the reason. "
         "incoming_photos_sensor applies the default.",
     )
     settle_seconds: float = Field(
-        default=incoming.DEFAULT_SETTLE_S,
+        default=DEFAULT_SETTLE_S,
         ge=0,
         description="A file modified less than this many seconds ago may still be being written: it waits for a "
         "later run.",
@@ -58,7 +58,7 @@ def user_photos(
 ) -> MaterializeResult:
     storage.incoming_dir.mkdir(parents=True, exist_ok=True)  # so that people see where photos go
     max_bytes = int(config.max_photo_mb * 1e6)
-    with incoming.intake(storage.path(), config.split, max_bytes=max_bytes, settle_s=config.settle_seconds) as result:
+    with intake(storage.path(), config.split, max_bytes=max_bytes, settle_s=config.settle_seconds) as result:
         # Everything that can fail runs inside the block: the ledger is written only when it ends cleanly.
         metadata = _report(context, storage, result)
     context.log.info(f"{len(result.added)} new photos taken in; {len(result.photos)} user photos in all")
@@ -66,7 +66,7 @@ def user_photos(
     return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(result.manifest_path)[:16]))
 
 
-def _report(context: AssetExecutionContext, storage: PipelineStorage, result: incoming.IngestResult) -> dict:
+def _report(context: AssetExecutionContext, storage: PipelineStorage, result: IngestResult) -> dict:
     """The log lines and the materialisation's metadata for one intake."""
     for item in result.rejected:
         context.log.warning(f"left in place: {item.original}: {item.reason}")
@@ -74,7 +74,7 @@ def _report(context: AssetExecutionContext, storage: PipelineStorage, result: in
         context.log.info(f"not yet: {item.original}: {item.reason}")
     for item in result.scan.duplicates:
         context.log.info(f"not taken in again: {item.original}: {item.reason}")
-    manifest = incoming.user_manifest(result.photos)
+    manifest = user_manifest(result.photos)
     metadata = {
         "new_photos": len(result.added),
         "duplicates": len(result.scan.duplicates),

@@ -1,0 +1,126 @@
+"""Taking photos in: each new photo decoded and copied into the store, then the manifest and, last, the ledger
+written, so that a run killed midway leaves the previous ledger and the next run takes the same photos in."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data.incoming.ledger import (
+    IMAGE_ID_BASE,
+    SOURCE,
+    STORE_DIR,
+    IncomingError,
+    ledger_path,
+    manifest_path,
+    read_state,
+    user_manifest,
+    write_ledger,
+)
+from plant_pipeline.ml.data.incoming.listing import Skipped
+from plant_pipeline.ml.data.incoming.reading import (
+    ChangedError,
+    check_image,
+    read_photo,
+)
+from plant_pipeline.ml.data.incoming.scanning import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SETTLE_S,
+    Scan,
+    scan_from_state,
+)
+from plant_pipeline.ml.data.manifest import SPLITS, write_manifest
+from plant_pipeline.ml.files import atomic_write_bytes, sha256_file
+from plant_pipeline.ml.locking import output_lock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestResult:
+    added: list[dict[str, Any]]  # ledger records of the photos this call took in
+    photos: list[dict[str, Any]]  # the whole ledger afterwards
+    scan: Scan
+    rejected: list[Skipped]  # the scan's, plus files that do not decode
+    waiting: list[Skipped]  # still being written, or changed while being read: for a later run
+    ledger_path: Path
+    manifest_path: Path
+
+
+def ingest(data_root: Path, split: str = "train", *, max_bytes: int = DEFAULT_MAX_BYTES,
+           settle_s: float = DEFAULT_SETTLE_S) -> IngestResult:
+    """Take every new photo under ``incoming/`` in (see intake); recorded at once."""
+    with intake(data_root, split, max_bytes=max_bytes, settle_s=settle_s) as result:
+        return result
+
+
+@contextmanager
+def intake(data_root: Path, split: str = "train", *, max_bytes: int = DEFAULT_MAX_BYTES,
+           settle_s: float = DEFAULT_SETTLE_S) -> Iterator[IngestResult]:
+    """Take every new photo under ``incoming/`` in: hash and decode it, copy it into the store; then, when the
+    ``with`` block ends without an exception, rewrite the user manifest and, last, the ledger. Idempotent: a
+    second call with nothing new changes nothing.
+
+    Files over ``max_bytes`` are refused from their size; files modified in the last ``settle_s`` seconds wait.
+    Each write is atomic and the ledger is the last, so a block that raises, or a run killed midway, leaves
+    the previous ledger, and the next run takes the same photos in (same ids, reusing the copies made).
+    """
+    if split not in SPLITS:
+        raise IncomingError(f"split must be one of {list(SPLITS)}; got {split!r}")
+    data_root = Path(data_root)
+    store = data_root / STORE_DIR
+    # One intake at a time: two runs must not both append to the ledger.
+    with output_lock(store / ".lock", owner=f"user photo intake into {split}", wait_s=600,
+                     what=f"the user photo store {store}"):
+        photos, seen = read_state(data_root)
+        scan = scan_from_state(data_root, photos, seen, read=True, max_bytes=max_bytes, settle_s=settle_s)
+        rejected, waiting = list(scan.rejected), list(scan.waiting)
+        added: list[dict[str, Any]] = []
+        next_id = max((p["image_id"] for p in photos), default=IMAGE_ID_BASE) + 1
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for found in scan.new:
+            try:
+                data = read_photo(found, found.sha256)
+            except ChangedError as err:
+                scan.seen.pop(found.original, None)
+                waiting.append(Skipped(found.original, str(err)))
+                continue
+            except OSError as err:
+                rejected.append(Skipped(found.original, f"unreadable: {err.strerror or err}"))
+                continue
+            try:
+                extension = check_image(data)
+            except ValueError as err:
+                scan.seen[found.original] = {"bytes": found.size, "mtime_ns": found.mtime_ns,
+                                             "sha256": found.sha256, "reason": str(err)}
+                rejected.append(Skipped(found.original, str(err)))
+                continue
+            path = f"{STORE_DIR}/{found.sha256}{extension}"
+            target = data_root / path
+            # The name is the content's hash: a copy left by an interrupted run is reused once verified.
+            if not (target.is_file() and sha256_file(target) == found.sha256):
+                atomic_write_bytes(target, data)
+            added.append({
+                "image_id": next_id, "sha256": found.sha256, "label": found.label, "name": CATEGORY_NAMES[found.label],
+                "split": split, "source": SOURCE, "path": path, "original": found.original,
+                "original_bytes": found.size, "original_mtime_ns": found.mtime_ns, "added_at": now,
+            })
+            scan.seen.pop(found.original, None)  # the ledger's photos record it now
+            next_id += 1
+        result = IngestResult(added, photos + added, scan, rejected, waiting, ledger_path(data_root),
+                              manifest_path(data_root))
+        yield result
+        # The caller's block succeeded: record. Rewritten every time, so a run killed between the two writes
+        # is repaired by the next one.
+        write_manifest(user_manifest(result.photos), result.manifest_path)
+        if added or scan.seen != seen or not result.ledger_path.is_file():
+            write_ledger(data_root, result.photos, scan.seen)
+    # Callers report the rejected files one by one (the asset's log, the sensor's skip reason).
+    logger.info("took in %d new photos (%d duplicates, %d rejected, %d waiting, %d known); %d user photos in all",
+                len(added), len(scan.duplicates), len(rejected), len(waiting), scan.known, len(result.photos))
