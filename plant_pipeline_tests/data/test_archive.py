@@ -11,18 +11,9 @@ from pathlib import Path
 import pytest
 
 from plant_pipeline.ml.data import archive as archive_module
-from plant_pipeline.ml.data.archive import (
-    ArchiveError,
-    UnsafeArchiveError,
-    safe_extract_tgz,
-)
+from plant_pipeline.ml.data.archive import ArchiveError, UnsafeArchiveError, safe_extract_tgz
 from plant_pipeline.ml.data.download import md5sum
-from plant_pipeline_tests.data.archives import (
-    good_members,
-    make_tgz,
-    tar_file,
-    tar_special,
-)
+from plant_pipeline_tests.data.archives import good_members, make_tgz, tar_file, tar_special
 
 
 def test_extract_moves_files_in_keeps_other_content_and_skips_on_rerun(tmp_path, monkeypatch) -> None:
@@ -125,5 +116,6 @@ def test_a_move_in_that_fails_leaves_no_marker_so_the_next_run_extracts_again(tm
     files = safe_extract_tgz(newer, root)
     assert (root / "jpg" / "image_00001.jpg").read_bytes().startswith(b"B")
     assert json.loads((root / archive_module.EXTRACT_MARKER).read_text())["md5"] == md5sum(newer)
-    assert sorted(p.name for p in root.iterdir()) == [archive_module.EXTRACT_MARKER, "README", "jpg"]  # nothing left aside
+    # Nothing is left aside: the old jpg/ and README are gone.
+    assert sorted(p.name for p in root.iterdir()) == [archive_module.EXTRACT_MARKER, "README", "jpg"]
     assert len(files) == 3

@@ -13,12 +13,7 @@ import pytest
 
 from plant_pipeline.ml.data import archive as archive_module
 from plant_pipeline.ml.data.archive import ArchiveError, ExtractLimits, safe_extract_tgz
-from plant_pipeline_tests.data.archives import (
-    good_members,
-    make_tgz,
-    tar_file,
-    tar_folder,
-)
+from plant_pipeline_tests.data.archives import good_members, make_tgz, tar_file, tar_folder
 
 
 def _assert_nothing_extracted(root: Path) -> None:
@@ -86,7 +81,8 @@ def test_a_backslash_name_that_repeats_a_slash_name_is_a_duplicate(tmp_path) -> 
 
 # -- the release's jpg/ folder ----------------------------------------------------------------------
 def test_an_archive_without_a_jpg_folder_says_so_and_lists_what_it_holds(tmp_path) -> None:
-    members = [tar_folder("102flowers"), tar_file("102flowers/jpg/image_00001.jpg", b"x" * 100), tar_file("README", b"r")]
+    members = [tar_folder("102flowers"), tar_file("102flowers/jpg/image_00001.jpg", b"x" * 100),
+               tar_file("README", b"r")]
     archive = make_tgz(tmp_path / "nested.tgz", members)
     root = tmp_path / "root"
     with pytest.raises(ArchiveError) as info:

@@ -16,12 +16,7 @@ from PIL import Image
 
 from plant_pipeline.ml.data import demo_release
 from plant_pipeline.ml.data.categories import NUM_CLASSES
-from plant_pipeline.ml.data.demo_drawing import (
-    CLASS_DESIGNS,
-    DemoDataError,
-    describe_class,
-    preview_grid,
-)
+from plant_pipeline.ml.data.demo_drawing import CLASS_DESIGNS, DemoDataError, describe_class, preview_grid
 from plant_pipeline.ml.data.demo_release import make_demo_release
 
 # Small enough to generate in about half a second; 2 training images a class feed the centroid test.

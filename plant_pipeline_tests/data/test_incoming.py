@@ -34,11 +34,7 @@ from plant_pipeline.ml.data import incoming
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES
 from plant_pipeline.ml.data.demo_release import make_demo_release
 from plant_pipeline.ml.data.incoming import ledger
-from plant_pipeline.ml.data.manifest import (
-    DatasetFormatError,
-    combine_manifests,
-    read_manifest,
-)
+from plant_pipeline.ml.data.manifest import DatasetFormatError, combine_manifests, read_manifest
 from plant_pipeline.ml.shards.format import META, read_index
 
 

@@ -25,18 +25,8 @@ from plant_pipeline.ml.data.incoming import (
     scan_incoming,
     user_manifest,
 )
-from plant_pipeline.ml.data.manifest import (
-    combine_manifests,
-    read_manifest,
-    summarize_manifest,
-    write_manifest,
-)
-from plant_pipeline.ml.data.oxford import (
-    build_manifest,
-    image_relpath,
-    read_labels,
-    read_splits,
-)
+from plant_pipeline.ml.data.manifest import combine_manifests, read_manifest, summarize_manifest, write_manifest
+from plant_pipeline.ml.data.oxford import build_manifest, image_relpath, read_labels, read_splits
 
 __all__ = [
     "CATEGORY_NAMES",

@@ -21,19 +21,9 @@ from plant_pipeline.ml.data.incoming.ledger import (
     read_user_manifest,
     user_manifest,
 )
-from plant_pipeline.ml.data.incoming.listing import (
-    INCOMING_DIR,
-    Skipped,
-    UnknownCategoryError,
-    category_label,
-)
+from plant_pipeline.ml.data.incoming.listing import INCOMING_DIR, Skipped, UnknownCategoryError, category_label
 from plant_pipeline.ml.data.incoming.reading import check_image
-from plant_pipeline.ml.data.incoming.scanning import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_SETTLE_S,
-    Scan,
-    scan_incoming,
-)
+from plant_pipeline.ml.data.incoming.scanning import DEFAULT_MAX_BYTES, DEFAULT_SETTLE_S, Scan, scan_incoming
 from plant_pipeline.ml.data.incoming.store import IngestResult, ingest, intake
 
 __all__ = [

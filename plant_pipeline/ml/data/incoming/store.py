@@ -24,17 +24,8 @@ from plant_pipeline.ml.data.incoming.ledger import (
     write_ledger,
 )
 from plant_pipeline.ml.data.incoming.listing import Skipped
-from plant_pipeline.ml.data.incoming.reading import (
-    ChangedError,
-    check_image,
-    read_photo,
-)
-from plant_pipeline.ml.data.incoming.scanning import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_SETTLE_S,
-    Scan,
-    scan_from_state,
-)
+from plant_pipeline.ml.data.incoming.reading import ChangedError, check_image, read_photo
+from plant_pipeline.ml.data.incoming.scanning import DEFAULT_MAX_BYTES, DEFAULT_SETTLE_S, Scan, scan_from_state
 from plant_pipeline.ml.data.manifest import SPLITS, write_manifest
 from plant_pipeline.ml.files import atomic_write_bytes, sha256_file
 from plant_pipeline.ml.locking import output_lock
