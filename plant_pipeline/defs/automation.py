@@ -1,6 +1,7 @@
 """Jobs and the retraining schedule: retrain only when the shards or the training code changed.
 
-The schedule is created stopped, as Dagster schedules are; a person turns it on in the UI (Automation).
+The schedule is created stopped, as Dagster schedules are; a person turns it on in the UI (Automation). Its cron
+is ``PLANT_PIPELINE_RETRAIN_CRON``, read when the code location loads (``automation()``), else Mondays 03:00.
 """
 
 import os
@@ -9,17 +10,21 @@ from dagster import (
     AssetKey,
     AssetSelection,
     DagsterInstance,
+    DefaultScheduleStatus,
+    Definitions,
     RunRequest,
+    ScheduleDefinition,
     ScheduleEvaluationContext,
     SkipReason,
     define_asset_job,
-    schedule,
+    definitions,
 )
 
 DATA_ASSETS = ["oxford_flowers", "category_map", "user_photos", "flower_shards"]
 USER_PHOTO_ASSETS = ["user_photos", "flower_shards"]
 TRAIN_ASSETS = ["trained_model", "model_evaluation"]
-RETRAIN_CRON = os.environ.get("PLANT_PIPELINE_RETRAIN_CRON", "0 3 * * 1")  # Mondays 03:00
+RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
+RETRAIN_CRON_ENV = "PLANT_PIPELINE_RETRAIN_CRON"
 
 prepare_data_job = define_asset_job(
     "prepare_data", selection=AssetSelection.assets(*DATA_ASSETS),
@@ -67,10 +72,8 @@ def retraining_reason(instance: DagsterInstance, training_code_version: str | No
     return None
 
 
-@schedule(cron_schedule=RETRAIN_CRON, job=train_and_evaluate_job,
-          description="Retrain and evaluate when the shards or the training code changed since the last "
-          "training; otherwise skip with the reason. Cron from PLANT_PIPELINE_RETRAIN_CRON.")
-def retraining_schedule(context: ScheduleEvaluationContext):
+def retrain_if_changed(context: ScheduleEvaluationContext) -> RunRequest | SkipReason:
+    """The retraining schedule's decision: a run when retraining_reason gives one, else a skip saying why."""
     from plant_pipeline.defs.assets.training import trained_model
 
     reason = retraining_reason(context.instance, trained_model.code_versions_by_key[AssetKey("trained_model")])
@@ -80,3 +83,21 @@ def retraining_schedule(context: ScheduleEvaluationContext):
         return SkipReason("nothing changed since the last training: same shards data version and code version")
     context.log.info(reason)
     return RunRequest(run_key=None, tags={"plant_pipeline/retrain_reason": reason[:200]})
+
+
+def build_retraining_schedule(cron: str = RETRAIN_CRON) -> ScheduleDefinition:
+    return ScheduleDefinition(
+        name="retraining_schedule", cron_schedule=cron, job=train_and_evaluate_job, execution_fn=retrain_if_changed,
+        default_status=DefaultScheduleStatus.STOPPED,
+        description="Retrain and evaluate when the shards or the training code changed since the last training; "
+        f"otherwise skip with the reason. Cron from {RETRAIN_CRON_ENV} (default {RETRAIN_CRON!r}).",
+    )
+
+
+@definitions
+def automation() -> Definitions:
+    # The cron is read here, when the code location loads, not at import.
+    return Definitions(
+        jobs=[prepare_data_job, add_user_photos_job, train_and_evaluate_job, full_pipeline_job],
+        schedules=[build_retraining_schedule(os.environ.get(RETRAIN_CRON_ENV, RETRAIN_CRON))],
+    )

@@ -1,21 +1,26 @@
-"""Launchpad config generated from the core's dataclass configs, so each knob is declared once.
+"""Launchpad config and resources generated from the core's dataclasses, so each knob is declared once.
 
-A core ``@dataclass`` field with ``metadata={"help": ...}`` becomes a ``dagster.Config`` field with that
-description; the core dataclass still validates the values in its ``__post_init__``.
+A core ``@dataclass`` field with ``metadata={"help": ...}`` becomes a pydantic field (of a ``dagster.Config``,
+or of a ``ConfigurableResource`` with ``base=``) with that default and description; the core dataclass still
+validates the values in its ``__post_init__``.
 """
 
 import dataclasses
+import sys
 from typing import Any, get_type_hints
 
 from dagster import Config
 from pydantic import Field, create_model
 
 
-def config_from_dataclass(name: str, cls: type, doc: str, **extra_fields: Any) -> type[Config]:
-    """A ``dagster.Config`` subclass with one field per dataclass field (plus ``extra_fields``)."""
+def config_from_dataclass(name: str, cls: type, doc: str, *, base: type = Config, exclude: tuple[str, ...] = (),
+                          **extra_fields: Any) -> type:
+    """A ``base`` subclass with one field per dataclass field not in ``exclude`` (plus ``extra_fields``)."""
     hints = get_type_hints(cls)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         description = f.metadata.get("help", "")
         if f.default is not dataclasses.MISSING:
             default = Field(default=f.default, description=description)
@@ -26,12 +31,13 @@ def config_from_dataclass(name: str, cls: type, doc: str, **extra_fields: Any) -
             default = Field(description=description)
         fields[f.name] = (hints[f.name], default)
     fields.update(extra_fields)
-    model = create_model(name, __base__=Config, __doc__=doc, **fields)
-    return model
+    # The caller's module, as a class statement there would have: what reprs and pickle look up.
+    module = sys._getframe(1).f_globals["__name__"]
+    return create_model(name, __base__=base, __doc__=doc, __module__=module, **fields)
 
 
-def to_dataclass(cls: type, config: Config, **overrides: Any):
-    """The core dataclass from a run's config (dropping fields the dataclass does not have)."""
+def to_dataclass(cls: type, config: Any, **overrides: Any):
+    """The core dataclass from a run's config or a resource (dropping fields the dataclass does not have)."""
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in config.model_dump().items() if k in names}
     values.update(overrides)

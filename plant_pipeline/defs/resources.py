@@ -1,22 +1,30 @@
 """Resources: where the pipeline keeps its data, and which model it uses.
 
-Both are bound to an environment rather than a run, so they are resources; their defaults come from
-environment variables (see definitions.py) and show in the UI's resource tab.
+Both are bound to an environment rather than a run, so they are resources. The code location binds them in
+``resources()`` below: to ``PLANT_PIPELINE_DATA_DIR`` and ``PLANT_PIPELINE_MODEL`` through ``dagster.EnvVar``
+where those are set (the UI's resource tab then names the variable), else to the defaults.
 """
 
+import os
 from pathlib import Path
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, Definitions, EnvVar, definitions
 from pydantic import Field
 
-from plant_pipeline.ml.data import incoming
-from plant_pipeline.ml.model.spec import DEFAULT_REAL_MODEL, ModelSpec
+from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
+from plant_pipeline.ml.data import INCOMING_DIR
+from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
+
+DATA_DIR_ENV = "PLANT_PIPELINE_DATA_DIR"
+MODEL_ENV = "PLANT_PIPELINE_MODEL"
+DEFAULT_DATA_DIR = "data"
 
 
 class PipelineStorage(ConfigurableResource):
     """The data root: downloads, manifest, shards, checkpoints, models and reports live below it."""
 
-    data_dir: str = Field(default="data", description="Folder for every output of the pipeline (git-ignored).")
+    data_dir: str = Field(default=DEFAULT_DATA_DIR,
+                          description="Folder for every output of the pipeline (git-ignored).")
 
     def path(self, *parts: str) -> Path:
         # Absolute, so paths recorded in metadata mean the same thing from any working directory.
@@ -29,7 +37,7 @@ class PipelineStorage(ConfigurableResource):
     @property
     def incoming_dir(self) -> Path:
         """Where users drop photos: ``incoming/<category name or 0-based id>/*.jpg``."""
-        return self.path(incoming.INCOMING_DIR)
+        return self.path(INCOMING_DIR)
 
     @property
     def category_map_path(self) -> Path:
@@ -39,24 +47,30 @@ class PipelineStorage(ConfigurableResource):
         return self.path("shards", model_slug)
 
 
-class ModelResource(ConfigurableResource):
-    """The LLaVA model every step shares: its processor preprocesses, its weights train and evaluate."""
-
-    model_name: str = Field(
-        default=DEFAULT_REAL_MODEL,
-        description="Hugging Face hub id, a local folder, or 'tiny-random-llava' (built offline, for demos and tests).",
-    )
-    revision: str | None = Field(default=None, description="Hub revision: branch, tag or commit sha.")
-    dtype: str = Field(default="auto", description="auto (bf16 where supported, fp16 on MPS, else fp32), float32, bfloat16, float16.")
-    device: str = Field(default="auto", description="auto (cuda, then mps, then cpu), cuda, mps or cpu.")
-    local_files_only: bool = Field(default=False, description="Load only from the local Hugging Face cache; never contact the hub.")
+class ModelSpecResource(ConfigurableResource):
+    """What ModelResource does; its fields are ModelSpec's, generated below."""
 
     def spec(self, storage: PipelineStorage) -> ModelSpec:
-        return ModelSpec(
-            model_name=self.model_name,
-            revision=self.revision,
-            dtype=self.dtype,
-            device=self.device,
-            local_files_only=self.local_files_only,
-            models_dir=str(storage.path("models")),
-        )
+        return to_dataclass(ModelSpec, self, models_dir=str(storage.path("models")))
+
+
+# models_dir is not a setting of its own: the tiny model is built under the storage's data root.
+ModelResource = config_from_dataclass(
+    "ModelResource", ModelSpec,
+    "The LLaVA model every step shares: its processor preprocesses, its weights train and evaluate.",
+    base=ModelSpecResource, exclude=("models_dir",),
+)
+
+
+def from_environment(name: str, default: str) -> str:
+    """``EnvVar(name)`` where the variable is set, so the UI shows where the value comes from; else ``default``."""
+    return EnvVar(name) if name in os.environ else default
+
+
+@definitions
+def resources() -> Definitions:
+    # Read when the code location loads, not at import: tests and tools import this module freely.
+    return Definitions(resources={
+        "storage": PipelineStorage(data_dir=from_environment(DATA_DIR_ENV, DEFAULT_DATA_DIR)),
+        "model": ModelResource(model_name=from_environment(MODEL_ENV, DEFAULT_REAL_MODEL)),
+    })

@@ -23,11 +23,13 @@ from dagster import (
     DagsterInstance,
     DagsterRunStatus,
     DefaultSensorStatus,
+    Definitions,
     Executor,
     ExecutorDefinition,
     RunsFilter,
     SensorEvaluationContext,
     SkipReason,
+    definitions,
     multi_or_in_process_executor,
     sensor,
 )
@@ -182,6 +184,12 @@ def dead_run_reaper(context: SensorEvaluationContext) -> SkipReason:
         return SkipReason(f"failed {len(reaped)} run(s) whose worker is gone and freed their slots: "
                           f"{', '.join(reaped)}")
     return SkipReason("no run with a dead worker on this machine")
+
+
+@definitions
+def run_health() -> Definitions:
+    # The executor becomes every job's default: each run of the code location records its worker.
+    return Definitions(sensors=[dead_run_reaper], executor=health_checked_executor)
 
 
 def main() -> None:

@@ -1,15 +1,40 @@
-"""The code location loads and holds the expected assets, lineage, checks, resources and documented config."""
+"""The code location loads and holds the expected assets, lineage, checks, jobs, schedules, sensors, resources
+and documented config."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from dagster import AssetKey, Config, DefaultSensorStatus, Definitions, validate_run_config
+from dagster import (
+    AssetKey,
+    Config,
+    DefaultScheduleStatus,
+    DefaultSensorStatus,
+    Definitions,
+    validate_run_config,
+)
 
-from plant_pipeline.definitions import build_definitions, defs
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline import definitions
+from plant_pipeline.defs.automation import RETRAIN_CRON, RETRAIN_CRON_ENV
+from plant_pipeline.defs.resources import (
+    DATA_DIR_ENV,
+    MODEL_ENV,
+    ModelResource,
+    PipelineStorage,
+)
 from plant_pipeline.defs.run_health import health_checked_executor
+from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
+
+defs = definitions.defs()
+REPO = Path(__file__).resolve().parents[2]
+DG = shutil.which("dg", path=str(Path(sys.executable).parent))
 
 LINEAGE = {
     "oxford_flowers": set(),
@@ -30,6 +55,9 @@ CHECKS = {
     ("model_evaluation", "no_regression"),
     ("model_evaluation", "coverage"),
 }
+JOBS = {"prepare_data", "add_user_photos", "train_and_evaluate", "full_pipeline"}
+SCHEDULES = {"retraining_schedule"}
+SENSORS = {"incoming_photos_sensor", "dead_run_reaper"}
 # Assets whose run config a person sets in the Launchpad.
 CONFIGURED = {"oxford_flowers", "user_photos", "flower_shards", "trained_model", "model_evaluation"}
 
@@ -100,21 +128,59 @@ def test_every_resource_field_is_described(resource_class):
     assert not undocumented
 
 
-def test_build_definitions_applies_its_arguments():
-    built = build_definitions(data_dir="/tmp/somewhere", model_name="tiny-random-llava")
-    assert built.resources["storage"].data_dir == "/tmp/somewhere"
-    assert built.resources["model"].model_name == "tiny-random-llava"
-    assert set(built.resolve_all_asset_keys()) == {AssetKey(name) for name in LINEAGE}
+def test_jobs_schedules_and_sensors():
+    assert {job.name for job in defs.resolve_all_job_defs()} == JOBS | {"__ASSET_JOB"}
+    assert {schedule.name for schedule in defs.schedules} == SCHEDULES
+    assert {sensor.name for sensor in defs.sensors} == SENSORS
+    schedule = defs.resolve_schedule_def("retraining_schedule")
+    assert (schedule.cron_schedule, schedule.default_status) == (RETRAIN_CRON, DefaultScheduleStatus.STOPPED)
 
 
-def test_build_definitions_reads_the_environment(monkeypatch):
-    monkeypatch.setenv("PLANT_PIPELINE_DATA_DIR", "/srv/flowers")
-    monkeypatch.setenv("PLANT_PIPELINE_MODEL", "some-org/some-llava")
-    built = build_definitions()
-    assert built.resources["storage"].data_dir == "/srv/flowers"
-    assert built.resources["model"].model_name == "some-org/some-llava"
-    # Explicit arguments win over the environment.
-    assert build_definitions(data_dir="here").resources["storage"].data_dir == "here"
+def test_the_code_location_is_a_lazy_definitions_function():
+    # Loaders call it: importing plant_pipeline.definitions builds nothing and reads no environment.
+    assert callable(definitions.defs) and not isinstance(definitions.defs, Definitions)
+    assert isinstance(defs, Definitions)
+
+
+def _resolved(resource):
+    """The resource as a run sees it: EnvVar fields read from the environment."""
+    return resource.process_config_and_initialize()
+
+
+def test_resources_default_to_data_and_the_real_model(monkeypatch):
+    for name in (DATA_DIR_ENV, MODEL_ENV, RETRAIN_CRON_ENV):
+        monkeypatch.delenv(name, raising=False)
+    built = definitions.defs()
+    assert _resolved(built.resources["storage"]).data_dir == "data"
+    assert _resolved(built.resources["model"]).model_name == DEFAULT_REAL_MODEL
+    assert built.resolve_schedule_def("retraining_schedule").cron_schedule == RETRAIN_CRON
+
+
+def test_the_environment_binds_resources_through_env_vars_and_sets_the_cron(monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, "/srv/flowers")
+    monkeypatch.setenv(MODEL_ENV, "some-org/some-llava")
+    monkeypatch.setenv(RETRAIN_CRON_ENV, "15 4 * * *")
+    built = definitions.defs()
+    storage, model = built.resources["storage"], built.resources["model"]
+    # Bound to the variable, not to its value, so the UI's resource tab names the variable...
+    assert storage.data_dir == DATA_DIR_ENV and model.model_name == MODEL_ENV
+    # ...and a run reads it.
+    assert _resolved(storage).data_dir == "/srv/flowers"
+    assert _resolved(model).model_name == "some-org/some-llava"
+    assert built.resolve_schedule_def("retraining_schedule").cron_schedule == "15 4 * * *"
+
+
+def test_model_resource_is_generated_from_model_spec(tmp_path):
+    spec_fields = {f.name: f for f in dataclasses.fields(ModelSpec)}
+    # models_dir follows the storage, so it is not a setting of its own.
+    assert set(ModelResource.model_fields) == set(spec_fields) - {"models_dir"}
+    for name, field in ModelResource.model_fields.items():
+        assert field.default == spec_fields[name].default, name
+        assert field.description == spec_fields[name].metadata["help"], name
+    resource = ModelResource(model_name="tiny-random-llava", device="cpu", local_files_only=True)
+    spec = resource.spec(PipelineStorage(data_dir=str(tmp_path)))
+    assert spec == ModelSpec(model_name="tiny-random-llava", device="cpu", local_files_only=True,
+                             models_dir=str(tmp_path.resolve() / "models"))
 
 
 @pytest.mark.parametrize("job_name", ["__ASSET_JOB", "prepare_data", "add_user_photos", "train_and_evaluate",
@@ -130,3 +196,14 @@ def test_the_dead_run_reaper_runs_by_default():
     sensor = defs.resolve_sensor_def("dead_run_reaper")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
     assert not sensor.targets, "housekeeping: it launches nothing"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DG is None, reason="needs dagster-dg-cli (pip install -e '.[dev]')")
+def test_dg_finds_and_loads_the_project():
+    """[tool.dg] in pyproject.toml: `dg check defs` loads this code location, and `dg dev` starts from it."""
+    env = {**os.environ, "VIRTUAL_ENV": str(Path(sys.executable).parents[1])}
+    done = subprocess.run([DG, "check", "defs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All definitions loaded successfully" in done.stdout + done.stderr
+    assert subprocess.run([DG, "dev", "--help"], cwd=REPO, capture_output=True, timeout=120).returncode == 0

@@ -15,8 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus, build_sensor_context
-from dagster._core.storage.dagster_run import DagsterRun
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, build_sensor_context
 
 from plant_pipeline.defs.assets.training import die_with_parent
 from plant_pipeline.defs.run_health import (
@@ -32,11 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 
-# A code location with one asset in pool "gpu" and the real code location's executor; HOLD=1 keeps the slot.
+# A code location with one asset in pool "gpu" and the executor every job of the real one runs on (see
+# test_definitions.py); HOLD=1 keeps the slot.
 LOCATION = """
 import os, time
 from dagster import Definitions, asset
-import plant_pipeline.definitions as real_location  # a module: one Definitions at module scope
+from plant_pipeline.defs.run_health import health_checked_executor
 
 @asset(pool="gpu")
 def gpu_holder():
@@ -44,7 +44,7 @@ def gpu_holder():
         time.sleep(120)
     return 1
 
-defs = Definitions(assets=[gpu_holder], executor=real_location.defs.executor)
+defs = Definitions(assets=[gpu_holder], executor=health_checked_executor)
 """
 
 
