@@ -27,13 +27,23 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES  # noqa: E402
-from plant_pipeline.ml.data.download import safe_extract_tgz  # noqa: E402
-from plant_pipeline.ml.data.oxford import image_relpath, read_labels, read_splits  # noqa: E402
-from plant_pipeline.ml.shards.pixels import resize_and_crop, to_rgb  # noqa: E402
-from plant_pipeline.ml.shards.prompts import QUESTION, answer_text, conversation  # noqa: E402
-from plant_pipeline.ml.shards.build import ShardConfig, build_shards  # noqa: E402
-from plant_pipeline.ml.model.tiny import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from plant_pipeline.ml.data import (  # noqa: E402
+    CATEGORY_NAMES,
+    image_relpath,
+    read_labels,
+    read_splits,
+    safe_extract_tgz,
+)
+from plant_pipeline.ml.model import TinyLlavaSpec, build_tiny_llava  # noqa: E402
+from plant_pipeline.ml.shards import (  # noqa: E402
+    QUESTION,
+    ShardConfig,
+    answer_text,
+    build_shards,
+    conversation,
+    resize_and_crop,
+    to_rgb,
+)
 
 MINI = "oxford-flowers-102-mini"
 

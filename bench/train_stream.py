@@ -37,11 +37,10 @@ def make_data(work: Path, samples: int, scale: int) -> tuple[Path, dict[int, Pat
     import webdataset as wds
     from transformers import AutoProcessor
 
-    from plant_pipeline.ml.files import atomic_write_json, sha256_file
-    from plant_pipeline.ml.shards.format import INDEX_FILE, encode_sample, read_index, split_shard_paths
-    from plant_pipeline.ml.training.streaming import make_stream
-    from plant_pipeline.ml.model.tiny import TinyLlavaSpec, build_tiny_llava
-    from plant_pipeline.ml.testing import write_toy_shards
+    from plant_pipeline.ml.model import TinyLlavaSpec, build_tiny_llava
+    from plant_pipeline.ml.shards import read_index, shard_entry, split_entry, split_shard_paths, write_index
+    from plant_pipeline.ml.testing import encode_sample, write_toy_shards
+    from plant_pipeline.ml.training import make_stream
 
     model_dir = build_tiny_llava(work / "model", TinyLlavaSpec(**SPEC))
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -51,21 +50,20 @@ def make_data(work: Path, samples: int, scale: int) -> tuple[Path, dict[int, Pat
     big = work / f"shards-{scale}x"
     (big / "train").mkdir(parents=True)
     shutil.copytree(one / "validation", big / "validation")
-    shards, count = [], 0
+    shards = []
     for copy in range(scale):
         for number, path in enumerate(split_shard_paths(one, "train")):
             name = f"train/train-{copy:03d}-{number:05d}.tar"
+            count = 0
             with wds.TarWriter(str(big / name)) as writer:
                 for sample in make_stream([path], shuffle=False):
                     sample.key = f"{sample.key}_c{copy}"
                     writer.write(encode_sample(sample))
                     count += 1
             # Training verifies every shard against these digests before it starts.
-            shards.append({"file": name, "samples": 50, "bytes": (big / name).stat().st_size,
-                           "sha256": sha256_file(big / name)})
-    index["splits"]["train"] = {"samples": count, "bytes": sum(s["bytes"] for s in shards), "quarantined": [],
-                                "shards": shards}
-    atomic_write_json(big / INDEX_FILE, index)
+            shards.append(shard_entry(big, name, count))
+    index["splits"]["train"] = split_entry(shards)
+    write_index(big, index)
     return model_dir, {1: one, scale: big}
 
 
@@ -113,18 +111,22 @@ def measure(mode: str, model_dir: Path, shards: Path, steps: int, batch: int, wo
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from plant_pipeline.ml.training.collate import SAMPLE_KEYS, memory_efficient_collate_fn
-    from plant_pipeline.ml.model.spec import ModelSpec
-    from plant_pipeline.ml.shards.format import split_shard_paths
-    from plant_pipeline.ml.training.streaming import make_stream
-    from plant_pipeline.ml.training.run import TrainConfig, _configure_trainable
-    from plant_pipeline.ml.training.trainer import CustomTrainer
+    from plant_pipeline.ml.model import ModelSpec
+    from plant_pipeline.ml.shards import split_shard_paths
+    from plant_pipeline.ml.training import (
+        TrainConfig,
+        build_trainer,
+        configure_trainable,
+        make_stream,
+        memory_efficient_collate_fn,
+    )
 
     sampler = PeakSampler()
     sampler.start()
     spec = ModelSpec(model_name=str(model_dir), device="cpu", local_files_only=True)
     processor = spec.load_processor()
-    model = _configure_trainable(spec.load_model(), TrainConfig(max_steps=steps))
+    config = TrainConfig(max_steps=steps)
+    model = configure_trainable(spec.load_model(), config)
     collator = memory_efficient_collate_fn(processor)
     paths = split_shard_paths(shards, "train")
     args = TrainingArguments(
@@ -145,8 +147,7 @@ def measure(mode: str, model_dir: Path, shards: Path, steps: int, batch: int, wo
     load_seconds = 0.0
     if mode == "stream":
         dataset = make_stream(paths, shuffle=True, shuffle_buffer=500, seed=0, epochs=None, num_workers=workers)
-        trainer = CustomTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
-                                callbacks=[clock])
+        trainer = build_trainer(model, config, args, data_collator=collator, train_dataset=dataset, callbacks=[clock])
     else:
         start = time.perf_counter()
         dataset = list(make_stream(paths, shuffle=False, epochs=1))  # decoded samples, uint8 pixels
@@ -154,14 +155,14 @@ def measure(mode: str, model_dir: Path, shards: Path, steps: int, batch: int, wo
 
         def plain_collate(samples):
             batch = collator(samples)
-            batch.pop(SAMPLE_KEYS)  # the plain Trainer passes every key to the model
-            return batch
+            # The plain Trainer passes every key to the model: only what the model takes.
+            return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "labels")}
 
         if mode == "memory":  # the baseline: plain Trainer, full-logits loss
             trainer = Trainer(model=model, args=args, data_collator=plain_collate, train_dataset=dataset,
                               callbacks=[clock])
         else:  # "memory-custom": CustomTrainer's loss on in-memory data, to isolate the cost of streaming
-            trainer = CustomTrainer(model=model, args=args, data_collator=collator, train_dataset=dataset,
+            trainer = build_trainer(model, config, args, data_collator=collator, train_dataset=dataset,
                                     callbacks=[clock])
     trainer.train()
     peak = sampler.stop()

@@ -1,23 +1,76 @@
-"""Synthetic shards of solid-colour images, in the exact format of ``flower_shards``, for tests and benchmarks.
+"""Code for tests and benchmarks only: synthetic shards in the exact format of ``flower_shards``, and the
+reference encodings the build's streaming writer is checked against.
 
-The colour names the class, so a tiny model learns the task in seconds; readers cannot tell these shards
-from real ones (same sample members, same index.json).
+The toy shards' colour names the class, so a tiny model learns the task in seconds; readers cannot tell these
+shards from real ones (same sample members, same index.json, written through shards.format.write_index).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES
-from plant_pipeline.ml.shards.format import INDEX_FILE, INDEX_FORMAT_VERSION, Sample, encode_sample
+from plant_pipeline.ml.shards.format import (
+    INPUT_IDS,
+    LABELS,
+    META,
+    PIXELS,
+    Sample,
+    make_index,
+    shard_entry,
+    split_entry,
+    write_index,
+)
 from plant_pipeline.ml.shards.pixels import resize_and_crop
 from plant_pipeline.ml.shards.prompts import PromptEncoder
+from plant_pipeline.ml.shards.tar import write_sample
+from plant_pipeline.ml.shards.validation import validate_key, validate_pixels, validate_tokens
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_sample(sample: Sample) -> dict[str, Any]:
+    """Sample -> the dict ``webdataset.TarWriter.write`` takes (bytes per member): the format's plain encoding.
+
+    Raises SampleValidationError for a key that would not read back as one sample.
+    """
+    validate_key(sample.key)
+    return {
+        "__key__": sample.key,
+        PIXELS: _npy_bytes(sample.pixels.astype(np.uint8, copy=False)),
+        INPUT_IDS: _npy_bytes(sample.input_ids.astype(np.int32, copy=False)),
+        LABELS: _npy_bytes(sample.labels.astype(np.int32, copy=False)),
+        META: json.dumps(sample.meta, sort_keys=True).encode("utf-8"),
+    }
+
+
+def tar_sample(sample: Sample) -> bytes:
+    """One sample as the exact bytes of its four tar members (headers included), as build_shards stores it."""
+    buffer = io.BytesIO()
+    write_sample(buffer, sample)
+    return buffer.getvalue()
+
+
+def validate_sample(
+    sample: Sample, *, pixel_shape: tuple[int, int, int], vocab_size: int, image_token_id: int, num_image_tokens: int
+) -> None:
+    """Raise SampleValidationError unless ``sample`` could be stored and trained on as is."""
+    validate_key(sample.key)
+    validate_pixels(sample.key, sample.pixels, pixel_shape)
+    validate_tokens(sample.key, sample.input_ids, sample.labels, vocab_size=vocab_size,
+                    image_token_id=image_token_id, num_image_tokens=num_image_tokens)
 
 
 def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: dict[str, int] | None = None,
@@ -31,8 +84,7 @@ def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: d
     rng = np.random.default_rng(seed)
     encoder = PromptEncoder(processor)
     palette = rng.integers(0, 256, size=(classes, 3))
-    index = {"format_version": INDEX_FORMAT_VERSION, "model_name": "toy", "num_image_tokens": encoder.num_image_tokens,
-             "splits": {}}
+    splits = {}
     image_id = 0
     for split, count in per_class.items():
         (out_dir / split).mkdir(parents=True, exist_ok=True)
@@ -54,11 +106,10 @@ def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: d
             with wds.TarWriter(str(out_dir / name)) as writer:
                 for i in order[start:start + samples_per_shard]:
                     writer.write(encode_sample(samples[i]))
-            data = (out_dir / name).read_bytes()
-            shards.append({"file": name, "samples": min(samples_per_shard, len(samples) - start), "bytes": len(data),
-                           "sha256": hashlib.sha256(data).hexdigest()})
-        index["splits"][split] = {"samples": len(samples), "bytes": sum(s["bytes"] for s in shards),
-                                  "quarantined": [], "shards": shards}
-    index["pixel_shape"] = list(samples[0].pixels.shape)
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+            shards.append(shard_entry(out_dir, name, min(samples_per_shard, len(samples) - start)))
+        splits[split] = split_entry(shards)
+    write_index(out_dir, make_index(
+        model_name="toy", pixel_shape=samples[0].pixels.shape, num_image_tokens=encoder.num_image_tokens,
+        image_token_id=int(encoder.image_token_id), vocab_size=len(processor.tokenizer), splits=splits,
+    ))
     return out_dir

@@ -1,5 +1,5 @@
 """The flower_shards checks on damaged shards: each fails naming the damage (never raises), and a failed
-integrity check stops the assets downstream in the same run."""
+integrity or leakage check stops the assets downstream in the same run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from dagster import AssetCheckSeverity, AssetKey, asset, materialize
 
@@ -21,9 +23,11 @@ from plant_pipeline.defs.assets.shards import (
     shards_quarantine_rate,
 )
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.ml import shards as core
 from plant_pipeline.ml.data.manifest import write_manifest
-from plant_pipeline.ml.shards import build as core
+from plant_pipeline.ml.shards.build import ShardConfig, build_shards
 from plant_pipeline.ml.shards.checks import (
+    CheckOutcome,
     check_class_coverage,
     check_exactness,
     check_integrity,
@@ -31,17 +35,17 @@ from plant_pipeline.ml.shards.checks import (
     check_quarantine_rate,
 )
 from plant_pipeline.ml.shards.format import INDEX_FILE
-from plant_pipeline_tests.shards.test_shards import NAMES, make_flower_folder
+from plant_pipeline.ml.shards.reader import read_samples
+from plant_pipeline.ml.shards.tar import closed_size
+from plant_pipeline.ml.testing import tar_sample
+from plant_pipeline_tests.shards.flower_folder import NAMES, make_flower_folder
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, tiny_model_dir):
-    """The awkward test folder (12 stored, 4 quarantined) built into two shards per split."""
-    root = tmp_path_factory.mktemp("flowers")
-    manifest = make_flower_folder(root)
-    result = core.build_shards(manifest, root, str(tiny_model_dir), tmp_path_factory.mktemp("shards"),
-                               config=core.ShardConfig(num_workers=1, min_shards=2), names=NAMES)
-    return root, manifest, result.out_dir
+def built_dir(flowers, built):
+    """(dataset root, manifest, shards folder) of the awkward folder's build: 12 stored, 4 quarantined."""
+    root, manifest = flowers
+    return root, manifest, built.out_dir
 
 
 def _all_checks(shards_dir: Path, root: Path, manifest, model_dir: Path) -> dict:
@@ -54,8 +58,8 @@ def _all_checks(shards_dir: Path, root: Path, manifest, model_dir: Path) -> dict
     }
 
 
-def test_every_shard_reading_check_fails_naming_a_deleted_shard(built, tiny_model_dir, tmp_path):
-    root, manifest, out_dir = built
+def test_every_shard_reading_check_fails_naming_a_deleted_shard(built_dir, tiny_model_dir, tmp_path):
+    root, manifest, out_dir = built_dir
     copy = Path(shutil.copytree(out_dir, tmp_path / "copy"))
     (copy / "validation" / "validation-00001.tar").unlink()
     outcomes = _all_checks(copy, root, manifest, tiny_model_dir)
@@ -70,8 +74,8 @@ def test_every_shard_reading_check_fails_naming_a_deleted_shard(built, tiny_mode
     json.dumps([o.metadata for o in outcomes.values()])
 
 
-def test_every_shard_reading_check_fails_naming_a_truncated_shard(built, tiny_model_dir, tmp_path):
-    root, manifest, out_dir = built
+def test_every_shard_reading_check_fails_naming_a_truncated_shard(built_dir, tiny_model_dir, tmp_path):
+    root, manifest, out_dir = built_dir
     copy = Path(shutil.copytree(out_dir, tmp_path / "copy"))
     shard = copy / "train" / "train-00000.tar"
     shard.write_bytes(shard.read_bytes()[:5000])  # cut inside the first sample's pixels
@@ -81,8 +85,8 @@ def test_every_shard_reading_check_fails_naming_a_truncated_shard(built, tiny_mo
         assert "train/train-00000.tar" in outcomes[name].description, (name, outcomes[name].description)
 
 
-def test_every_check_fails_naming_a_missing_index(built, tiny_model_dir, tmp_path):
-    root, manifest, out_dir = built
+def test_every_check_fails_naming_a_missing_index(built_dir, tiny_model_dir, tmp_path):
+    root, manifest, out_dir = built_dir
     copy = Path(shutil.copytree(out_dir, tmp_path / "copy"))
     (copy / INDEX_FILE).unlink()
     for name, outcome in _all_checks(copy, root, manifest, tiny_model_dir).items():
@@ -90,8 +94,8 @@ def test_every_check_fails_naming_a_missing_index(built, tiny_model_dir, tmp_pat
         assert str(copy / INDEX_FILE) in outcome.description and "materialise flower_shards" in outcome.description
 
 
-def test_quarantine_rate_lists_the_counts_threshold_and_reasons(built):
-    _, _, out_dir = built
+def test_quarantine_rate_lists_the_counts_threshold_and_reasons(built_dir):
+    _, _, out_dir = built_dir
     outcome = check_quarantine_rate(out_dir, max_fraction=0.2)
     assert not outcome.passed and "train 33.3%" in outcome.description and "test 25.0%" in outcome.description
     meta = outcome.metadata
@@ -104,9 +108,98 @@ def test_quarantine_rate_lists_the_counts_threshold_and_reasons(built):
 
 
 @pytest.mark.parametrize("max_fraction", [-0.1, 1.5])
-def test_quarantine_rate_rejects_a_threshold_outside_0_to_1(built, max_fraction):
+def test_quarantine_rate_rejects_a_threshold_outside_0_to_1(built_dir, max_fraction):
     with pytest.raises(ValueError, match="max_fraction must be between 0 and 1"):
-        check_quarantine_rate(built[2], max_fraction=max_fraction)
+        check_quarantine_rate(built_dir[2], max_fraction=max_fraction)
+
+
+# --- checks on a good build, and on damaged copies of it ------------------------------------------------------------------------------------------
+
+
+def test_checks_pass_on_a_good_build(built, flowers, tiny_model_dir):
+    root, manifest = flowers
+    outcomes = {
+        "integrity": check_integrity(built.out_dir, manifest),
+        "coverage": check_class_coverage(built.out_dir, len(NAMES)),
+        "leakage": check_no_leakage(built.out_dir),
+        "exactness": check_exactness(built.out_dir, root, str(tiny_model_dir), sample_size=100),
+        "quarantine": check_quarantine_rate(built.out_dir, max_fraction=0.5),
+    }
+    assert all(isinstance(o, CheckOutcome) and o.passed for o in outcomes.values()), outcomes
+    assert outcomes["exactness"].metadata["samples_checked"] == 12
+    assert outcomes["exactness"].metadata["max_abs_diff"] == 0.0
+    assert outcomes["integrity"].metadata["shards_checked"] == 6
+    json.dumps([o.metadata for o in outcomes.values()])  # metadata must be plain JSON for the UI
+
+
+def test_quarantine_rate_check_fails_above_the_threshold(built):
+    outcome = check_quarantine_rate(built.out_dir, max_fraction=0.01)
+    assert not outcome.passed and outcome.metadata["quarantined_fraction"]["train"] == pytest.approx(3 / 9)
+
+
+def _rewrite_shard(path: Path, keep=lambda sample: True, change=lambda sample: sample) -> None:
+    """Rewrite a shard through the writer's own tar layout, dropping or changing samples."""
+    samples = [change(s) for s in read_samples(path) if keep(s)]
+    data = b"".join(tar_sample(s) for s in samples)
+    path.write_bytes(data + b"\0" * (closed_size(len(data)) - len(data)))
+
+
+def test_integrity_fails_when_a_shard_is_corrupted_or_missing(built, flowers, tmp_path):
+    _, manifest = flowers
+    copy = Path(shutil.copytree(built.out_dir, tmp_path / "copy"))
+    shard = copy / "train" / "train-00000.tar"
+    data = bytearray(shard.read_bytes())
+    data[3000:3010] = bytes(255 - b for b in data[3000:3010])  # inside the first sample's pixels
+    shard.write_bytes(bytes(data))
+    outcome = check_integrity(copy, manifest)
+    assert not outcome.passed
+    assert any("train/train-00000.tar: sha256" in p for p in outcome.metadata["problems"])
+    (copy / "test" / "test-00001.tar").unlink()
+    outcome = check_integrity(copy, manifest)
+    assert any("test/test-00001.tar: missing" in p for p in outcome.metadata["problems"])
+    assert any(p.startswith("test: expected 3 samples") for p in outcome.metadata["problems"])
+
+
+def test_integrity_fails_when_the_manifest_has_rows_the_shards_lack(built, flowers):
+    _, manifest = flowers
+    extra = pd.concat([manifest, pd.DataFrame([{"image_id": 99, "path": "jpg/new.jpg", "label": 0,
+                                                "split": "validation", "source": "oxford_flowers"}])])
+    outcome = check_integrity(built.out_dir, extra)
+    assert not outcome.passed and "missing ['image_00099']" in outcome.metadata["problems"][0]
+
+
+def test_coverage_fails_when_a_class_is_deleted(built, tmp_path):
+    copy = Path(shutil.copytree(built.out_dir, tmp_path / "copy"))
+    for shard in (copy / "test").glob("*.tar"):
+        _rewrite_shard(shard, keep=lambda s: s.meta["label"] != 2)
+    outcome = check_class_coverage(copy, len(NAMES))
+    assert not outcome.passed and outcome.metadata["missing"] == {"test": [2]}
+    assert "test: 1" in outcome.description
+
+
+def test_leakage_fails_when_one_image_is_in_two_splits(flowers, tiny_model_dir, tmp_path):
+    root, manifest = flowers
+    leaky = manifest[manifest["image_id"].isin([1, 10, 13])].copy()
+    leaky.loc[leaky["image_id"] == 13, "path"] = "jpg/a1.jpg"  # the train image again, under another id
+    out = tmp_path / "leaky"
+    build_shards(leaky, root, str(tiny_model_dir), out, names=NAMES, config=ShardConfig(num_workers=1))
+    outcome = check_no_leakage(out)
+    assert not outcome.passed and outcome.metadata["num_leaks"] == 1
+    assert outcome.metadata["leaks"][0]["samples"] == {"train": "image_00001", "test": "image_00013"}
+
+
+def test_exactness_fails_when_stored_pixels_drift(built, flowers, tiny_model_dir, tmp_path):
+    root, _ = flowers
+    copy = Path(shutil.copytree(built.out_dir, tmp_path / "copy"))
+
+    def brighten(sample):
+        sample.pixels = np.minimum(sample.pixels.astype(np.int16) + 1, 255).astype(np.uint8)
+        return sample
+
+    _rewrite_shard(copy / "validation" / "validation-00000.tar", change=brighten)
+    outcome = check_exactness(copy, root, str(tiny_model_dir), sample_size=100)
+    assert not outcome.passed and outcome.metadata["max_abs_diff"] > 0
+    assert any("pixel_values differ" in p for p in outcome.metadata["problems"])
 
 
 # --- the Dagster layer ---------------------------------------------------------------------------------
@@ -160,10 +253,31 @@ def test_failed_integrity_stops_the_assets_downstream(flipped_run):
     assert not result.success
 
 
-def test_integrity_is_the_one_blocking_check():
+def test_integrity_and_leakage_are_the_blocking_checks():
     specs = {spec.name: spec for check in (shards_integrity, shards_class_coverage, shards_no_leakage,
                                            shards_exactness, shards_quarantine_rate) for spec in check.check_specs}
-    assert {name for name, spec in specs.items() if spec.blocking} == {"shards_integrity"}
+    assert {name for name, spec in specs.items() if spec.blocking} == {"shards_integrity", "shards_no_leakage"}
+
+
+def test_failed_leakage_check_stops_the_assets_downstream(tmp_path, tiny_model_dir):
+    # A test image that is a train image under another id: the shards are intact, so integrity passes.
+    data = tmp_path / "data"
+    manifest = make_flower_folder(data)
+    manifest.loc[manifest["image_id"] == 13, "path"] = "jpg/a1.jpg"
+    write_manifest(manifest, PipelineStorage(data_dir=str(data)).manifest_path)
+    result = materialize(
+        [flower_shards, shards_integrity, shards_no_leakage, reads_shards],
+        resources=_resources(data, tiny_model_dir), raise_on_error=False,
+        run_config={"ops": {"flower_shards": {"config": {"num_workers": 1, "min_shards": 1}}}},
+    )
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["shards_integrity"].passed
+    leakage = checks["shards_no_leakage"]
+    assert not leakage.passed and leakage.severity == AssetCheckSeverity.ERROR
+    assert leakage.metadata["num_leaks"].value == 1
+    materialised = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert AssetKey("flower_shards") in materialised and AssetKey("reads_shards") not in materialised
+    assert not result.success
 
 
 def test_quarantine_rate_is_an_asset_check_that_warns_by_default(flipped_run):

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers.models.clip import CLIPImageProcessorPil
 
 from plant_pipeline.ml.shards import pixels
-from plant_pipeline.ml.shards.geometry import _resizes_width_first, direct_resize_and_crop, matches_processor
+from plant_pipeline.ml.shards.geometry import direct_resize_and_crop, matches_processor, resizes_width_first
 from plant_pipeline.ml.shards.pixels import PixelFormatError, resize_and_crop, rgb_to_channels_first
 
 BICUBIC = Image.Resampling.BICUBIC
@@ -58,10 +58,10 @@ def test_direct_path_gives_the_processors_bytes_for_a_turned_photo(orientation):
 
 @pytest.mark.parametrize("width,height", SIZES)
 def test_width_first_two_passes_are_pils_one_call(width, height):
-    # The direct path relies on this: where _resizes_width_first says so, PIL's one-call resize is the
+    # The direct path relies on this: where resizes_width_first says so, PIL's one-call resize is the
     # width pass followed by the height pass, so the two can be run apart with a crop in between.
     new_w, new_h = (336, int(336 * height / width)) if width <= height else (int(336 * width / height), 336)
-    if not _resizes_width_first(width, height, new_w, new_h):
+    if not resizes_width_first(width, height, new_w, new_h):
         pytest.skip("Pillow resizes the height first here; the direct path makes the same single call")
     image = _noise(width, height)
     one_call = image.resize((new_w, new_h), BICUBIC, reducing_gap=None)
@@ -72,8 +72,8 @@ def test_width_first_two_passes_are_pils_one_call(width, height):
 
 def test_tall_photos_are_resized_in_one_call():
     # 400x1300 -> 336x1092 shrinks the height by 208 and the width by 64: Pillow 13 does the height first.
-    assert not _resizes_width_first(400, 1300, 336, 1092)
-    assert _resizes_width_first(500, 667, 336, 448) and _resizes_width_first(667, 500, 448, 336)
+    assert not resizes_width_first(400, 1300, 336, 1092)
+    assert resizes_width_first(500, 667, 336, 448) and resizes_width_first(667, 500, 448, 336)
 
 
 def test_direct_path_is_used_only_for_plain_pil_processors(tiny_processor):
@@ -99,13 +99,13 @@ def test_probe_check_refuses_a_path_that_differs():
 @pytest.mark.parametrize("width,height", [(336, 336), (7, 13), (1, 1)])
 def test_channels_first_reads_pillows_memory_in_place(width, height):
     image = _noise(width, height)
-    assert pixels._packed_rgbx(image) is not None, "Pillow's Arrow export should cover a small RGB image"
+    assert pixels.packed_rgbx(image) is not None, "Pillow's Arrow export should cover a small RGB image"
     assert np.array_equal(rgb_to_channels_first(image), np.asarray(image).transpose(2, 0, 1))
 
 
 def test_channels_first_without_the_arrow_export(monkeypatch):
     image = _noise(50, 30)
-    monkeypatch.setattr(pixels, "_packed_rgbx", lambda image: None)
+    monkeypatch.setattr(pixels, "packed_rgbx", lambda image: None)
     out = rgb_to_channels_first(image)
     assert out.flags.c_contiguous and np.array_equal(out, np.asarray(image).transpose(2, 0, 1))
 
@@ -119,7 +119,7 @@ def test_channels_first_refuses_other_modes():
 def test_channels_first_writes_into_a_given_array(arrow, monkeypatch):
     image = _noise(40, 30)
     if not arrow:
-        monkeypatch.setattr(pixels, "_packed_rgbx", lambda image: None)
+        monkeypatch.setattr(pixels, "packed_rgbx", lambda image: None)
     backing = bytearray(3 * 30 * 40 + 7)  # as in build_shards: a region of a larger buffer, at an offset
     out = np.frombuffer(backing, np.uint8, 3 * 30 * 40, 5).reshape(3, 30, 40)
     assert rgb_to_channels_first(image, out) is out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -154,7 +155,8 @@ def intake_rgb(monkeypatch):
         seen.append(np.asarray(rgb))
         return rgb
 
-    monkeypatch.setattr(incoming, "to_rgb", recording)
+    # Patched where check_image looks it up, whichever module of the intake defines it.
+    monkeypatch.setattr(sys.modules[incoming.check_image.__module__], "to_rgb", recording)
     return seen
 
 

@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 
 from plant_pipeline.ml.shards.format import Sample
-from plant_pipeline.ml.shards.validation import (
-    SampleValidationError,
-    validate_normalizer,
-    validate_sample,
-    validate_tokens,
-)
+from plant_pipeline.ml.shards.validation import SampleValidationError, validate_normalizer, validate_tokens
+from plant_pipeline.ml.testing import encode_sample, tar_sample, validate_sample
 
 IMAGE = 7
 RULES = dict(pixel_shape=(3, 4, 4), vocab_size=50, image_token_id=IMAGE, num_image_tokens=3)
@@ -108,11 +104,8 @@ def test_normalizer_table_must_be_finite(tiny_processor):
 @pytest.mark.parametrize("key", ["image.00001", "train/image_00001", "../image_00001", "", 7])
 def test_every_writer_of_the_format_refuses_a_key_that_would_regroup_members(key):
     # WebDataset cuts a member name at its first dot: "image.00001.pixels.npy" would become key "image".
-    # encode_sample (webdataset's TarWriter, the toy shards, the benches) and shards.write_sample (build_shards'
+    # encode_sample (webdataset's TarWriter, the toy shards, the benches) and tar.write_sample (build_shards'
     # layout) both check the key, so no writer can put such a member name into a shard.
-    from plant_pipeline.ml.shards.build import tar_sample
-    from plant_pipeline.ml.shards.format import encode_sample
-
     sample = good_sample()
     sample.key = key
     with pytest.raises(SampleValidationError, match="expected a non-empty string without '.' or '/'"):

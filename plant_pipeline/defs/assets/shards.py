@@ -15,43 +15,23 @@ from pydantic import Field
 
 from plant_pipeline.defs.assets.flowers import category_map, oxford_flowers
 from plant_pipeline.defs.assets.user_photos import user_photos
+from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml.data import incoming
-from plant_pipeline.ml.data.categories import NUM_CLASSES
-from plant_pipeline.ml.data.manifest import combine_manifests, read_manifest
+from plant_pipeline.ml import shards as core
+from plant_pipeline.ml.data import NUM_CLASSES, combine_manifests, read_manifest, read_user_manifest
 from plant_pipeline.ml.files import sha256_file
-from plant_pipeline.ml.shards import build as core
-from plant_pipeline.ml.shards import checks
-from plant_pipeline.ml.shards.format import INDEX_FILE
+from plant_pipeline.ml.shards import INDEX_FILE, CheckOutcome, ShardConfig
 
-
-class FlowerShardsConfig(Config):
-    samples_per_shard: int = Field(default=2000, description="Most samples in one shard (tar file).")
-    max_shard_mb: int = Field(default=256, description="Most megabytes in one shard.")
-    min_shards: int = Field(
-        default=4,
-        description="Cut each split into at least this many shards: at least the trainer's data-loader workers "
-        "times its processes, so every worker has a shard to read.",
-    )
-    num_workers: int = Field(default=0, description="Preprocessing processes; 0 uses every core.")
-    batch_size: int = Field(default=64, description="Images a worker processes per task; bounds memory in flight.")
-
-
-def _shard_config(config: FlowerShardsConfig) -> core.ShardConfig:
-    return core.ShardConfig(
-        samples_per_shard=config.samples_per_shard,
-        max_shard_bytes=config.max_shard_mb * 2**20,
-        min_shards=config.min_shards,
-        num_workers=config.num_workers,
-        batch_size=config.batch_size,
-    )
+FlowerShardsConfig = config_from_dataclass(
+    "FlowerShardsConfig", ShardConfig, "How flower_shards cuts the shards and parallelises the preprocessing."
+)
 
 
 def training_manifest(storage: PipelineStorage):
     """The release's manifest plus the photos users contributed (none before user_photos first ran)."""
-    return combine_manifests(read_manifest(storage.manifest_path), incoming.read_user_manifest(storage.path()))
+    return combine_manifests(read_manifest(storage.manifest_path), read_user_manifest(storage.path()))
 
 
 @asset(
@@ -80,7 +60,7 @@ def flower_shards(
         storage.path(),
         spec.source(),
         out_dir,
-        config=_shard_config(config),
+        config=to_dataclass(ShardConfig, config),
         model_name=spec.model_name,
         local_files_only=spec.local_files_only,
         revision=spec.revision,
@@ -103,7 +83,7 @@ def flower_shards(
     if result.quarantined:
         metadata["quarantine"] = MetadataValue.json(result.quarantined[:50])
         context.log.warning(f"{len(result.quarantined)} images quarantined; see {out_dir / 'quarantine.json'}")
-    metadata["preview"] = image(checks.preview_grid(out_dir, "train"), "decoded training samples")
+    metadata["preview"] = image(core.preview_grid(out_dir, "train"), "decoded training samples")
     # The index holds every shard's sha256, so its hash changes exactly when the shards do.
     return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(out_dir / INDEX_FILE)[:16]))
 
@@ -118,7 +98,7 @@ class QuarantineRateConfig(Config):
     )
 
 
-def _result(outcome: checks.CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
+def _result(outcome: CheckOutcome, severity: AssetCheckSeverity = AssetCheckSeverity.ERROR) -> AssetCheckResult:
     return AssetCheckResult(
         passed=outcome.passed, description=outcome.description, metadata=outcome.metadata, severity=severity
     )
@@ -133,17 +113,19 @@ def _shards_dir(storage: PipelineStorage, model: ModelResource):
 @asset_check(asset=flower_shards, blocking=True, description="Every shard re-read: counts and sha256 match the "
              "index; counts match the manifest minus quarantined images. Blocks the assets downstream when it fails.")
 def shards_integrity(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(checks.check_integrity(_shards_dir(storage, model), training_manifest(storage)))
+    return _result(core.check_integrity(_shards_dir(storage, model), training_manifest(storage)))
 
 
 @asset_check(asset=flower_shards, description="Every class present in every split.")
 def shards_class_coverage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(checks.check_class_coverage(_shards_dir(storage, model), NUM_CLASSES))
+    return _result(core.check_class_coverage(_shards_dir(storage, model), NUM_CLASSES))
 
 
-@asset_check(asset=flower_shards, description="No image (by content hash) in more than one split.")
+# Blocking too: training on a test image would make the evaluation a lie.
+@asset_check(asset=flower_shards, blocking=True, description="No image (by content hash) in more than one "
+             "split. Blocks the assets downstream when it fails.")
 def shards_no_leakage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(checks.check_no_leakage(_shards_dir(storage, model)))
+    return _result(core.check_no_leakage(_shards_dir(storage, model)))
 
 
 @asset_check(asset=flower_shards, description="At most max_fraction of each split's images quarantined "
@@ -153,7 +135,7 @@ def shards_quarantine_rate(
 ) -> AssetCheckResult:
     if config.severity.upper() not in ("WARN", "ERROR"):  # a typo fails now, not as a silent default
         raise ValueError(f"severity must be WARN or ERROR; got {config.severity!r}")
-    outcome = checks.check_quarantine_rate(_shards_dir(storage, model), config.max_fraction)
+    outcome = core.check_quarantine_rate(_shards_dir(storage, model), config.max_fraction)
     return _result(outcome, AssetCheckSeverity(config.severity.upper()))
 
 
@@ -161,4 +143,4 @@ def shards_quarantine_rate(
              "processor on the source image.")
 def shards_exactness(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
     spec = model.spec(storage)
-    return _result(checks.check_exactness(storage.shards_dir(spec.slug), storage.path(), spec.source()))
+    return _result(core.check_exactness(storage.shards_dir(spec.slug), storage.path(), spec.source()))

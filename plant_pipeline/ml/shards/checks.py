@@ -1,7 +1,7 @@
-"""Reading ``flower_shards`` output back: the UI preview and the data-quality checks the asset runs.
+"""The data-quality checks flower_shards runs: each re-reads what build_shards wrote.
 
-Each check re-reads what build_shards wrote and returns a CheckOutcome, which the Dagster layer turns into
-an AssetCheckResult.
+Each returns a CheckOutcome, which the Dagster layer turns into an AssetCheckResult; a shard or index that
+cannot be read fails the check, naming it, and never raises.
 """
 
 from __future__ import annotations
@@ -9,13 +9,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import json
-import math
-import tarfile
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -23,18 +20,13 @@ from PIL import Image
 
 from plant_pipeline.ml.data.oxford import SOURCE as DEFAULT_SOURCE
 from plant_pipeline.ml.files import sha256_file
-from plant_pipeline.ml.shards.build import ShardInputError, _load_processor, sample_key
-from plant_pipeline.ml.shards.format import (
-    FIELDS,
-    INDEX_FILE,
-    META,
-    Sample,
-    ShardFormatError,
-    decode_sample,
-    read_index,
-)
-from plant_pipeline.ml.shards.pixels import to_rgb
-from plant_pipeline.ml.shards.prompts import PromptEncoder, answer_text, conversation
+from plant_pipeline.ml.shards.format import FIELDS, ShardFormatError, ShardIndex, read_index
+from plant_pipeline.ml.shards.pixels import PixelNormalizer, to_rgb
+from plant_pipeline.ml.shards.prompts import PromptEncoder, answer_text, conversation, load_processor
+from plant_pipeline.ml.shards.reader import READ_ERRORS, all_metas, iter_shard, read_problem, read_samples
+from plant_pipeline.ml.shards.rows import sample_key
+
+_MAX_LISTED = 20  # problems listed in check metadata; the count says how many there were
 
 
 @dataclass
@@ -44,76 +36,6 @@ class CheckOutcome:
     passed: bool
     description: str
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-
-# --- reading shards back ---------------------------------------------------------------------------
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    key, _, member = name.partition(".")
-    return key, member
-
-
-def _iter_shard(path: Path, wanted: Callable[[str, str], bool]) -> Iterator[tuple[str, str, bytes | None]]:
-    """(key, member, data) for every member of a tar shard; data is read only where ``wanted(key, member)``."""
-    with tarfile.open(path, "r:") as archive:
-        for info in archive:
-            if not info.isfile():
-                continue
-            key, member = _split_member(info.name)
-            data = archive.extractfile(info).read() if wanted(key, member) else None
-            yield key, member, data
-
-
-def _shard_metas(path: Path) -> Iterator[tuple[str, dict]]:
-    """(key, meta) per sample, skipping over the pixel data."""
-    for key, member, data in _iter_shard(path, lambda _key, member: member == META):
-        if member == META:
-            yield key, json.loads(data)
-
-
-def _read_samples(path: Path, keys: set[str] | None = None) -> Iterator[Sample]:
-    """Samples of one shard in order (only ``keys`` when given), decoded with the format's own decoder.
-
-    A sample's members are contiguous, so each is yielded as soon as the next key starts.
-    """
-    raw: dict | None = None
-    for key, member, data in _iter_shard(path, lambda key, _member: keys is None or key in keys):
-        if data is None:
-            continue
-        if raw is not None and raw["__key__"] != key:
-            yield decode_sample(raw)
-            raw = None
-        raw = raw or {"__key__": key, "__url__": str(path)}
-        raw[member] = data
-    if raw is not None:
-        yield decode_sample(raw)
-
-
-# Errors reading a shard that is missing, truncated or not a tar: a check reports them, it never raises them.
-_READ_ERRORS = (OSError, tarfile.TarError, EOFError, ValueError)
-
-
-def _read_problem(file: str, err: BaseException) -> str:
-    if isinstance(err, FileNotFoundError):
-        return f"{file}: missing"
-    return f"{file}: not a readable shard ({type(err).__name__}: {err})"
-
-
-def _all_metas(shards_dir: Path, index: dict) -> tuple[dict[str, list[tuple[Path, str, dict]]], list[str]]:
-    """(split -> (shard path, key, meta) of every readable sample, a problem per shard that cannot be read)."""
-    metas: dict[str, list[tuple[Path, str, dict]]] = {}
-    unreadable: list[str] = []
-    for split, info in index["splits"].items():
-        metas[split] = []
-        for shard in info["shards"]:
-            path = shards_dir / shard["file"]
-            try:
-                metas[split].extend((path, key, meta) for key, meta in list(_shard_metas(path)))
-            except _READ_ERRORS as err:
-                unreadable.append(_read_problem(shard["file"], err))
-    return metas, unreadable
 
 
 def _unreadable_outcome(description: str, unreadable: list[str], metadata: dict[str, Any]) -> CheckOutcome:
@@ -130,7 +52,7 @@ class _IndexUnreadable(Exception):
     """index.json is missing or malformed: every check fails on it, naming it."""
 
 
-def _read_index(shards_dir: Path) -> dict[str, Any]:
+def _read_index(shards_dir: Path) -> ShardIndex:
     try:
         return read_index(shards_dir)
     except (OSError, ValueError, ShardFormatError) as err:  # JSONDecodeError is a ValueError
@@ -148,48 +70,6 @@ def _failing_without_index(check: Callable[..., CheckOutcome]) -> Callable[..., 
             return CheckOutcome(False, f"cannot read the shard index: {err}", {"problems": [str(err)]})
 
     return wrapper
-
-
-def preview_grid(shards_dir: Path, split: str, n: int = 8, *, columns: int = 4, thumb: int = 160) -> bytes:
-    """PNG bytes: the first ``n`` samples of ``split`` as stored (uint8 pixels), each with its answer text."""
-    from PIL import ImageDraw
-
-    shards_dir = Path(shards_dir)
-    index = read_index(shards_dir)
-    if split not in index["splits"]:
-        raise ShardInputError(f"{shards_dir / INDEX_FILE} has no split {split!r}; it has {sorted(index['splits'])}")
-    samples: list[Sample] = []
-    for shard in index["splits"][split]["shards"]:
-        for sample in _read_samples(shards_dir / shard["file"]):
-            samples.append(sample)
-            if len(samples) == n:
-                break
-        if len(samples) == n:
-            break
-    if not samples:
-        raise ShardInputError(f"split {split!r} in {shards_dir} has no samples to preview")
-    columns = min(columns, len(samples))
-    rows = math.ceil(len(samples) / columns)
-    caption = 30
-    grid = Image.new("RGB", (columns * thumb, rows * (thumb + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, sample in enumerate(samples):
-        x, y = (i % columns) * thumb, (i // columns) * (thumb + caption)
-        image = Image.fromarray(np.ascontiguousarray(sample.pixels.transpose(1, 2, 0)))
-        grid.paste(image.resize((thumb, thumb), Image.Resampling.BILINEAR), (x, y))
-        text = answer_text(sample.meta.get("name", "?"))
-        # Two short lines fit under a thumbnail in the default bitmap font.
-        width = max(8, thumb // 6)
-        lines = [text[:width], text[width:2 * width]]
-        draw.text((x + 3, y + thumb + 2), "\n".join(line for line in lines if line), fill="black")
-    buffer = io.BytesIO()
-    grid.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-# --- checks (wrapped as Dagster asset checks) --------------------------------------------------------
-
-_MAX_LISTED = 20  # problems listed in check metadata; the count says how many there were
 
 
 @_failing_without_index
@@ -226,10 +106,10 @@ def check_integrity(shards_dir: Path, manifest: pd.DataFrame) -> CheckOutcome:
                 problems.append(f"{shard['file']}: sha256 {digest[:12]}..., index says {shard['sha256'][:12]}...")
             members: dict[str, set[str]] = defaultdict(set)
             try:
-                for key, member, _ in _iter_shard(path, lambda _k, _m: False):
+                for key, member, _ in iter_shard(path, lambda _k, _m: False):
                     members[key].add(member)
-            except _READ_ERRORS as err:
-                problems.append(_read_problem(shard["file"], err))
+            except READ_ERRORS as err:
+                problems.append(read_problem(shard["file"], err))
                 unreadable.append(shard["file"])
                 continue
             incomplete = [k for k, m in members.items() if m != set(FIELDS)]
@@ -269,8 +149,8 @@ def check_class_coverage(shards_dir: Path, num_classes: int) -> CheckOutcome:
     index = _read_index(shards_dir)
     missing: dict[str, list[int]] = {}
     counts: dict[str, dict[str, int]] = {}
-    all_metas, unreadable = _all_metas(shards_dir, index)
-    for split, metas in all_metas.items():
+    metas_by_split, unreadable = all_metas(shards_dir, index)
+    for split, metas in metas_by_split.items():
         per_class = Counter(int(meta["label"]) for _, _, meta in metas)
         counts[split] = {"classes": len(per_class), "min_per_class": min(per_class.values(), default=0)}
         absent = [c for c in range(num_classes) if per_class[c] == 0]
@@ -294,8 +174,8 @@ def check_no_leakage(shards_dir: Path) -> CheckOutcome:
     shards_dir = Path(shards_dir)
     index = _read_index(shards_dir)
     where: dict[str, dict[str, str]] = defaultdict(dict)  # sha256 -> split -> key
-    all_metas, unreadable = _all_metas(shards_dir, index)
-    for split, metas in all_metas.items():
+    metas_by_split, unreadable = all_metas(shards_dir, index)
+    for split, metas in metas_by_split.items():
         for _, key, meta in metas:
             where[meta["sha256"]][split] = key
     leaks = [{"sha256": digest, "samples": splits} for digest, splits in where.items() if len(splits) > 1]
@@ -353,12 +233,10 @@ def check_exactness(
     """
     import torch
 
-    from plant_pipeline.ml.shards.pixels import PixelNormalizer
-
     shards_dir, dataset_root = Path(shards_dir), Path(dataset_root)
     index = _read_index(shards_dir)
-    all_metas, unreadable = _all_metas(shards_dir, index)
-    population = [item for metas in all_metas.values() for item in metas]
+    metas_by_split, unreadable = all_metas(shards_dir, index)
+    population = [item for metas in metas_by_split.values() for item in metas]
     if not population:
         if unreadable:
             return _unreadable_outcome("no sample could be compared", unreadable, {"samples_checked": 0})
@@ -370,7 +248,7 @@ def check_exactness(
         path, key, _ = population[i]
         wanted[path].add(key)
 
-    processor = _load_processor(str(model_source), revision, local_files_only)
+    processor = load_processor(str(model_source), revision, local_files_only)
     normalizer = PixelNormalizer.from_processor(processor.image_processor)
     encoder = PromptEncoder(processor)
     problems: list[str] = []
@@ -378,9 +256,9 @@ def check_exactness(
     checked = 0
     for path, keys in wanted.items():
         try:
-            samples = list(_read_samples(path, keys))
-        except _READ_ERRORS as err:  # its metadata was read a moment ago: the file changed since
-            unreadable.append(_read_problem(str(path.relative_to(shards_dir)), err))
+            samples = list(read_samples(path, keys))
+        except READ_ERRORS as err:  # its metadata was read a moment ago: the file changed since
+            unreadable.append(read_problem(str(path.relative_to(shards_dir)), err))
             continue
         for sample in samples:
             checked += 1

@@ -23,8 +23,8 @@ def direct_resize_and_crop(image_processor) -> Callable[..., np.ndarray] | None:
     The function returned takes the image and, optionally, ``out``: a uint8 [3, H, W] array to write into.
 
     transformers' PIL backend turns the image into a numpy array, back into a PIL image, resizes it with
-    PIL, and turns it into an array again before slicing the centre crop: ~1 ms of copies per 500 px photo
-    (20-30% of the work). For the plain PilBackend steps (shortest-edge or fixed-size resize, centre crop,
+    PIL, and turns it into an array again before slicing the centre crop: copies that cost a good part of
+    the work. For the plain PilBackend steps (shortest-edge or fixed-size resize, centre crop,
     no padding) the same PIL resize on the RGB image and the same crop offsets give the same bytes.
     Returns None where the processor does anything else; build_shards also compares both on probe images.
     """
@@ -60,7 +60,7 @@ def direct_resize_and_crop(image_processor) -> Callable[..., np.ndarray] | None:
         if top < 0 or left < 0:  # the processor pads here; let it
             pixels = resize_and_crop(image_processor, image)
             return pixels if out is None else copy_into(out, pixels)
-        if _resizes_width_first(width, height, new_w, new_h):
+        if resizes_width_first(width, height, new_w, new_h):
             # PIL resizes in two passes through a uint8 image: here the width, then the height. Running
             # them one at a time and cropping away the columns between them gives the same bytes with a
             # quarter less of the height pass on a 4:3 landscape photo. (PIL's box= would save more, but
@@ -82,7 +82,7 @@ def direct_resize_and_crop(image_processor) -> Callable[..., np.ndarray] | None:
     return resize_and_crop_pil
 
 
-def _resizes_width_first(width: int, height: int, new_w: int, new_h: int) -> bool:
+def resizes_width_first(width: int, height: int, new_w: int, new_h: int) -> bool:
     """Whether PIL's two-pass resize does the width before the height for this geometry.
 
     Pillow 13 does the height first when it shrinks more than twice as much as the width (very tall

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from plant_pipeline.ml.errors import UsageError
-from plant_pipeline.ml.shards.format import IGNORE_INDEX, Sample
+from plant_pipeline.ml.shards.format import IGNORE_INDEX
 
 
 class SampleValidationError(UsageError):
@@ -69,16 +69,6 @@ def validate_tokens(
         hole = answer_start + int(np.argmax(ignored[answer_start:]))
         _fail(key, f"labels are {IGNORE_INDEX} at position {hole}, after the answer starts at {answer_start}; "
                    "expected -100 only on the prompt prefix")
-
-
-def validate_sample(
-    sample: Sample, *, pixel_shape: tuple[int, int, int], vocab_size: int, image_token_id: int, num_image_tokens: int
-) -> None:
-    """Raise SampleValidationError unless ``sample`` can be stored and trained on as is."""
-    validate_key(sample.key)
-    validate_pixels(sample.key, sample.pixels, pixel_shape)
-    validate_tokens(sample.key, sample.input_ids, sample.labels, vocab_size=vocab_size,
-                    image_token_id=image_token_id, num_image_tokens=num_image_tokens)
 
 
 def validate_normalizer(normalizer) -> None:
