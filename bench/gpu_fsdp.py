@@ -53,11 +53,8 @@ def reloaded_validation_loss(model_path: Path, spec, shards: Path) -> float:
     """Mean cross-entropy per answer token of the saved result over the whole validation split."""
     import torch
 
-    from plant_pipeline.ml.training.collate import memory_efficient_collate_fn
-    from plant_pipeline.ml.shards.format import split_shard_paths
-    from plant_pipeline.ml.training.streaming import make_stream
-    from plant_pipeline.ml.training.run import load_trained
-    from plant_pipeline.ml.training.trainer import labelled_token_loss
+    from plant_pipeline.ml.shards import split_shard_paths
+    from plant_pipeline.ml.training import labelled_token_loss, load_trained, make_stream, memory_efficient_collate_fn
 
     model, processor = load_trained(model_path, spec)
     collate = memory_efficient_collate_fn(processor)
@@ -75,8 +72,7 @@ def reloaded_validation_loss(model_path: Path, spec, shards: Path) -> float:
 def run_side(work: Path, model: Path, shards: Path, side: str, dtype: str, nproc: int, steps: int,
              device: str) -> dict:
     from plant_pipeline.ml.model.spec import ModelSpec
-    from plant_pipeline.ml.training.run import TrainConfig
-    from plant_pipeline.ml.training.cli import RunFile
+    from plant_pipeline.ml.training import RunFile, TrainConfig
 
     label = "plain" if side == "plain" else Path(side).stem
     out = work / f"{label}-{dtype}"

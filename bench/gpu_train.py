@@ -5,13 +5,14 @@ Two random-init LLaVA shapes, built straight on the GPU (no download, no CPU ini
       in full (vision tower frozen), batch 16;
   (b) CLIP-L/14-336 + Llama-7B, bf16 base, LoRA r=128 on every linear layer of the language model + projector
       trained, gradient checkpointing, batch 8.
-Both sides get the same model, the same samples, the same trainable parts (train.py's _configure_trainable) and
+Both sides get the same model, the same samples, the same trainable parts (training.configure_trainable) and
 the same batch size. They differ only where the project claims to do better:
   plain:  transformers.Trainer, map-style dataset of pre-normalised float pixel tensors, a padding collator,
           optim adamw_torch (transformers 5.24's default is already the fused one: see --plain-optim), the model's
           own loss (full-vocabulary logits at every position), dataloader_num_workers=0.
-  custom: CustomTrainer + make_stream over WebDataset shards of uint8 pixels + MemoryEfficientCollator, with the
-          TrainingArguments train.py builds (bf16, fused AdamW, workers, pinned memory, no dispatch), loss only at
+  custom: the CustomTrainer that training.build_trainer makes (as train() does), make_stream over WebDataset shards
+          of uint8 pixels + MemoryEfficientCollator, with training.training_arguments, as train() builds them
+          (bf16, fused AdamW, workers, pinned memory, no dispatch; evaluation and checkpointing off), loss only at
           answer positions, and TrainConfig.compile_blocks (each transformer block torch.compiled once, sequences
           padded to a multiple of 64; --compile-cases picks the cases). --eager-too adds a custom-eager row without it.
 Timing: a callback synchronises the GPU after ``--warmup`` optimizer steps and again after ``--steps`` more;
@@ -132,7 +133,7 @@ class Case:
 
     def train_config(self, dtype: str, max_steps: int):
         """The project's TrainConfig for this case: what both sides train."""
-        from plant_pipeline.ml.training.run import TrainConfig
+        from plant_pipeline.ml.training import TrainConfig
 
         common = dict(max_steps=max_steps, per_device_train_batch_size=self.batch, dtype=dtype,
                       freeze_vision_tower=True, freeze_projector=False,
@@ -290,13 +291,13 @@ def plain_collate(items: list[dict]) -> dict:
 # ---- model -----------------------------------------------------------------------------------------
 
 def build_model(case: Case, cfg, device, compute_dtype):
-    """Random-init LLaVA made directly on ``device`` in train.py's load dtype, then train.py's freezing / LoRA."""
+    """Random-init LLaVA made directly on ``device`` in train()'s load dtype, then its freezing / LoRA."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from plant_pipeline.ml.training.run import _configure_trainable, validate_lora_targets
+    from plant_pipeline.ml.training import configure_trainable, validate_lora_targets
 
-    # train.py: LoRA keeps the frozen base in the compute dtype; full fine-tuning keeps fp32 master weights.
+    # As in train(): LoRA keeps the frozen base in the compute dtype; full fine-tuning keeps fp32 master weights.
     load_dtype = compute_dtype if cfg.use_lora else torch.float32
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -309,7 +310,7 @@ def build_model(case: Case, cfg, device, compute_dtype):
     if cfg.use_lora:
         validate_lora_targets(model, cfg.lora_target_modules)
     with torch.device(device):  # LoRA matrices are created (and initialised) on the GPU too
-        model = _configure_trainable(model, cfg)
+        model = configure_trainable(model, cfg)
     return model
 
 
@@ -507,26 +508,25 @@ HEADER = (f"{'case':4s} {'side':12s} {'batch':>5s} {'samples/s':>10s} {'MFU':>6s
 
 
 def training_args(side: str, cfg, run: dict, out_dir: str, max_steps: int):
-    """plain: Trainer defaults with the shared knobs; custom: the TrainingArguments train.py builds (minus
-    evaluation and checkpointing, which are not throughput)."""
+    """plain: Trainer defaults with the shared knobs; custom: the TrainingArguments train() builds
+    (training.training_arguments) minus evaluation and checkpointing, which are not throughput."""
     from transformers import TrainingArguments
 
-    from plant_pipeline.ml.training.run import streaming_args
+    from plant_pipeline.ml.training import training_arguments
 
-    cpu = run["device"].type == "cpu"
-    shared = dict(
-        output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        # A small learning rate: speed does not depend on it, and a random-init model must not reach a NaN loss
-        # (CustomTrainer would stop the run with NonFiniteLossError).
-        gradient_accumulation_steps=1, learning_rate=1e-5, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, logging_steps=10**6, save_strategy="no", eval_strategy="no",
-        report_to="none", disable_tqdm=True, use_cpu=cpu, bf16=run["bf16"], seed=cfg.seed,
-    )
+    # A small learning rate: speed does not depend on it, and a random-init model must not reach a NaN loss
+    # (CustomTrainer would stop the run with NonFiniteLossError).
+    shared = dict(gradient_accumulation_steps=1, learning_rate=1e-5, logging_steps=10**6, save_strategy="no",
+                  eval_strategy="no")
     if side == "plain":
-        return TrainingArguments(**shared, optim=run["plain_optim"])
-    # optim stays at transformers' default (the fused AdamW), as in train.py.
-    return TrainingArguments(**shared, ddp_find_unused_parameters=False,
-                             **streaming_args(cfg, run["device"], run["workers"]))
+        return TrainingArguments(
+            output_dir=out_dir, max_steps=max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, report_to="none", disable_tqdm=True,
+            use_cpu=run["device"].type == "cpu", bf16=run["bf16"], seed=cfg.seed, optim=run["plain_optim"],
+            **shared)
+    # optim stays at transformers' default (the fused AdamW), as in train().
+    return training_arguments(cfg, output_dir=out_dir, max_steps=max_steps, device=run["device"],
+                              dtype=run["dtype"], workers=run["workers"], logging_first_step=False, **shared)
 
 
 def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float) -> SideResult:
@@ -560,23 +560,17 @@ def run_side(case: Case, side: str, run: dict, data: dict, side_deadline: float)
             trainer = Trainer(model=model, args=args, data_collator=plain_collate, train_dataset=data["memory"],
                               callbacks=[clock])
         else:
-            from plant_pipeline.ml.training.collate import MemoryEfficientCollator
-            from plant_pipeline.ml.training.compile import compile_blocks
-            from plant_pipeline.ml.shards.format import split_shard_paths
-            from plant_pipeline.ml.training.streaming import make_stream
-            from plant_pipeline.ml.training.trainer import CustomTrainer
+            from plant_pipeline.ml.shards import split_shard_paths
+            from plant_pipeline.ml.training import MemoryEfficientCollator, build_trainer, make_stream
 
             shards = split_shard_paths(data["shards"], "train")
             stream = make_stream(shards, shuffle=True, shuffle_buffer=min(cfg.shuffle_buffer, len(data["samples"])),
                                  seed=cfg.seed, epochs=None, num_workers=run["workers"], what="synthetic shards")
-            if cfg.compile_blocks:  # as train.py does
-                compile_blocks(model)
             collator = MemoryEfficientCollator(normalizer=data["normalizer"], pad_token_id=PAD_ID,
                                                pad_to_multiple_of=cfg.padding_multiple(),
-                                               defer_pixel_normalization=cuda)  # as train.py does
-            trainer = CustomTrainer(model=model, args=args, data_collator=collator, train_dataset=stream,
-                                    callbacks=[clock], memory_cleanup_steps=cfg.memory_cleanup_steps,
-                                    read_ahead_batches=cfg.dataloader_prefetch_factor)
+                                               defer_pixel_normalization=cuda)  # as train() does
+            # build_trainer compiles the blocks when cfg.compile_blocks says so, as in train().
+            trainer = build_trainer(model, cfg, args, data_collator=collator, train_dataset=stream, callbacks=[clock])
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         if clock.t0 is not None and clock.train_begin is not None:
@@ -735,7 +729,7 @@ def main() -> None:
     parser.add_argument("--batch-a", type=int, default=None)
     parser.add_argument("--batch-b", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None,
-                        help="CustomTrainer DataLoader workers (default: train.py's, 0 on CUDA)")
+                        help="CustomTrainer DataLoader workers (default: train()'s, 0 on CUDA)")
     parser.add_argument("--plain-optim", default="adamw_torch",
                         help="the plain side's optimizer (adamw_torch: the unfused baseline of the issue)")
     parser.add_argument("--compile-cases", default=None,
@@ -748,7 +742,7 @@ def main() -> None:
                         help="after the timed steps, profile N more steps per side (top ops, GPU idle share, syncs)")
     parser.add_argument("--bf16", action="store_true", help="bf16 even on a CPU (to check that path with --tiny)")
     args = parser.parse_args()
-    # train.py calls gradient_checkpointing_enable, which transformers 5.24 marks deprecated: not this run's news.
+    # train() calls gradient_checkpointing_enable, which transformers 5.24 marks deprecated: not this run's news.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.*", category=FutureWarning)
 
     report = Report(os.environ.get("OUT"))
@@ -757,7 +751,7 @@ def main() -> None:
 
     import torch
 
-    from plant_pipeline.ml.training.run import TrainConfig, loader_workers
+    from plant_pipeline.ml.training import TrainConfig, loader_workers
 
     if args.device:
         device = torch.device(args.device)
@@ -807,7 +801,7 @@ def main() -> None:
                 f"{run['steps']} timed steps per side; budget {args.budget_s:.0f} s")
     report.line("plain = transformers.Trainer, in-memory float tensors, full-vocab loss, "
                 f"optim {args.plain_optim}, 0 workers | custom = CustomTrainer, shards + MemoryEfficientCollator, "
-                f"answer-only logits, train.py's TrainingArguments, {run['workers']} workers")
+                f"answer-only logits, train()'s TrainingArguments, {run['workers']} workers")
     report.line(HEADER, table=True)
 
     work = Path(tempfile.mkdtemp(prefix="gpu-train-bench-"))

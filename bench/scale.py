@@ -41,8 +41,7 @@ def make_data(work: Path, shards: int) -> tuple[Path, Path]:
 def run_once(work: Path, model: Path, shards: Path, procs: int, args) -> dict:
     from plant_pipeline.defs.assets.training import launch_command
     from plant_pipeline.ml.model.spec import ModelSpec
-    from plant_pipeline.ml.training.run import TrainConfig
-    from plant_pipeline.ml.training.cli import RunFile
+    from plant_pipeline.ml.training import RunFile, TrainConfig
 
     out = work / f"np{procs}"
     run = RunFile(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plant_pipeline.ml.model.spec import ModelSpec
-from plant_pipeline.ml.training.run import TrainConfig, TrainConfigError, train
+from plant_pipeline.ml.training import TrainConfig, TrainConfigError, train
 
 
 @pytest.mark.parametrize("kwargs, match", [

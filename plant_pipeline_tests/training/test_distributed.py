@@ -18,9 +18,8 @@ from plant_pipeline.defs.assets.training import launch_command, trained_model
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.model.spec import ModelSpec, model_slug
 from plant_pipeline.ml.shards.format import split_shard_paths
-from plant_pipeline.ml.training.cli import RunFile, RunFileError
-from plant_pipeline.ml.training.run import TrainConfig
-from plant_pipeline.ml.training.streaming import StreamConfigError, make_stream
+from plant_pipeline.ml.training import RunFile, RunFileError, TrainConfig, make_stream
+from plant_pipeline.ml.training.streaming import StreamConfigError
 
 # Raised inside dagster's own Pipes code (1.13), not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:AssetExecutionContext.run_id is deprecated:DeprecationWarning")
@@ -150,7 +149,7 @@ def test_accelerate_launch_runs_the_entry_point_with_the_shipped_config(tiny_mod
 
 def test_merge_lora_is_refused_before_any_work_when_weights_are_sharded(tiny_model_dir, toy_shards, tmp_path,
                                                                         monkeypatch):
-    from plant_pipeline.ml.training.run import TrainConfigError, train
+    from plant_pipeline.ml.training import TrainConfigError, train
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(TrainConfigError, match="merge_lora=True cannot merge adapters into weights that FSDP shards"):

@@ -13,13 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from plant_pipeline.ml.model.spec import ModelSpec
 from plant_pipeline.ml.testing import write_toy_shards
-from plant_pipeline.ml.training.run import (
-    CHECKPOINT_MANIFEST,
-    CheckpointError,
-    TrainConfig,
-    find_resumable_checkpoint,
-    train,
-)
+from plant_pipeline.ml.training import CheckpointError, TrainConfig, configure_trainable, train
+from plant_pipeline.ml.training.checkpoints import CHECKPOINT_MANIFEST, find_resumable_checkpoint
 from plant_pipeline.ml.training.trainer import CustomTrainer
 
 # One train shard of 8 samples, batches of 8 and no shuffle buffer: every step sees the same batch whatever the
@@ -122,9 +117,7 @@ def test_resumed_and_finished_runs_give_the_uninterrupted_weights(spec, one_shar
 def test_weights_that_do_not_fit_the_model_fail_naming_file_and_keys(spec, tmp_path, use_lora):
     from transformers import TrainingArguments
 
-    from plant_pipeline.ml.training.run import _configure_trainable
-
-    model = _configure_trainable(spec.load_model(), TrainConfig(use_lora=use_lora, **RUN))
+    model = configure_trainable(spec.load_model(), TrainConfig(use_lora=use_lora, **RUN))
     model.save_pretrained(tmp_path / "ck")
     weights_file = tmp_path / "ck" / ("adapter_model.safetensors" if use_lora else "model.safetensors")
     weights = load_file(weights_file)
@@ -133,7 +126,7 @@ def test_weights_that_do_not_fit_the_model_fail_naming_file_and_keys(spec, tmp_p
     save_file(weights, weights_file, metadata={"format": "pt"})
     trainer = CustomTrainer(model=model, args=TrainingArguments(tmp_path / "out", report_to="none", use_cpu=True))
     with pytest.raises(CheckpointError) as caught:
-        trainer._load_from_checkpoint(str(tmp_path / "ck"))
+        trainer.restore_checkpoint(tmp_path / "ck")
     message = str(caught.value)
     assert str(weights_file) in message and "missing keys" in message and "unexpected keys" in message
     assert dropped.rsplit(".", 2)[-2] in message and ".surplus" in message
@@ -186,7 +179,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_older_one_resumed(spec, on
     damage(checkpoints / "checkpoint-4" / name)
     if drop_manifest:
         (checkpoints / "checkpoint-4" / CHECKPOINT_MANIFEST).unlink()
-    with caplog.at_level(logging.WARNING, logger="plant_pipeline.ml.training.run"):
+    with caplog.at_level(logging.WARNING, logger="plant_pipeline.ml.training.checkpoints"):
         result = train(TrainConfig(save_total_limit=None, **RUN), model_spec=spec, shards_dir=one_shard,
                        checkpoints_dir=checkpoints, output_dir=tmp_path / "model")
     assert result.resumed_from_step == 2 and result.steps == 4

@@ -19,18 +19,19 @@ import torch
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.model.spec import ModelSpec
 from plant_pipeline.ml.shards.format import split_shard_paths
-from plant_pipeline.ml.training.collate import memory_efficient_collate_fn
-from plant_pipeline.ml.training.run import (
+from plant_pipeline.ml.training import (
     ShardIntegrityError,
     TrainConfig,
     TrainConfigError,
-    checkpoint_is_complete,
-    find_resumable_checkpoint,
+    labelled_token_loss,
     load_trained,
+    make_stream,
+    memory_efficient_collate_fn,
     train,
 )
-from plant_pipeline.ml.training.streaming import StreamConfigError, make_stream
-from plant_pipeline.ml.training.trainer import CustomTrainer, NonFiniteLossError, labelled_token_loss
+from plant_pipeline.ml.training.checkpoints import checkpoint_is_complete, find_resumable_checkpoint
+from plant_pipeline.ml.training.streaming import StreamConfigError
+from plant_pipeline.ml.training.trainer import CustomTrainer, NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
@@ -255,7 +256,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     from plant_pipeline.ml.training.trainer import CustomTrainer
     from plant_pipeline.ml.model.spec import ModelSpec
-    from plant_pipeline.ml.training.run import TrainConfig, train
+    from plant_pipeline.ml.training import TrainConfig, train
     step = CustomTrainer.training_step
     def slow_step(self, *args, **kwargs):  # leaves time to kill the run between checkpoints
         time.sleep(0.25)

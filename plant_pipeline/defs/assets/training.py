@@ -10,7 +10,6 @@ rebuild the shards under it. The child dies with the Dagster process (Linux) and
 """
 
 import ctypes
-import hashlib
 import json
 import os
 import signal
@@ -37,10 +36,9 @@ from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.locks import asset_lock
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml.files import atomic_write_json, sha256_file
-from plant_pipeline.ml.shards.format import INDEX_FILE
-from plant_pipeline.ml.training.cli import ENTRY_MODULE, RunFile
-from plant_pipeline.ml.training.run import TrainConfig
+from plant_pipeline.ml.files import atomic_write_json
+from plant_pipeline.ml.shards import read_index
+from plant_pipeline.ml.training import ENTRY_MODULE, RunFile, RunIdentity, TrainConfig
 
 LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -54,16 +52,6 @@ TrainedModelConfig = config_from_dataclass(
         "torch.distributed.run (one per GPU; gloo on CPU). The train split needs N x dataloader_num_workers "
         "shards."))),
 )
-
-
-def run_name(config: TrainConfig, model_name: str, shards_sha: str) -> str:
-    """Runs with the same model, shards and checkpoint-relevant settings share a folder, so they resume.
-
-    ``max_steps`` and the logging/eval/save intervals are left out: raising max_steps continues a run.
-    """
-    settings = {key: getattr(config, key) for key in TrainConfig.RESUME_KEYS}
-    blob = json.dumps({"model": model_name, "shards": shards_sha, **settings}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def launch_command(nproc_per_node: int, *args: str) -> list[str]:
@@ -173,7 +161,8 @@ def _train(context: AssetExecutionContext, config: TrainedModelConfig, storage: 
     spec = model.spec(storage)
     spec.source()  # builds tiny-random-llava once here, so N ranks do not race to build it
     shards_dir = storage.shards_dir(spec.slug)
-    name = f"{spec.slug}-{run_name(train_config, spec.model_name, sha256_file(shards_dir / INDEX_FILE))}"
+    # The core's run identity names the folders: runs that can resume each other share them, no others do.
+    name = RunIdentity.of(train_config, spec, read_index(shards_dir)).folder_name()
     checkpoints_dir = storage.path("checkpoints", name)
     launch_dir = checkpoints_dir / "launch"
     context.log.info(f"run {name} on {config.nproc_per_node} process(es): {json.dumps(asdict(train_config))}")

@@ -30,7 +30,8 @@ from typing import Any
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import atomic_write_json
 from plant_pipeline.ml.model.spec import ModelSpec
-from plant_pipeline.ml.training.run import TrainConfig, TrainResult
+from plant_pipeline.ml.training.config import TrainConfig
+from plant_pipeline.ml.training.results import TrainResult
 
 logger = logging.getLogger("plant_pipeline.ml.training.cli")
 
@@ -183,14 +184,10 @@ class _RecordingCollator:
         return batch
 
 
-def _install_key_recorder(directory: str, rank: int) -> None:
-    from plant_pipeline.ml.training import run as train_module
-
+def _key_recorder(directory: str, rank: int) -> Callable[[Callable], Callable]:
+    """train()'s ``wrap_collator``: records the keys of every batch the collator builds."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    make_collator = train_module.memory_efficient_collate_fn
-    # train() looks the factory up in its module at call time, so this wraps the collator it builds.
-    train_module.memory_efficient_collate_fn = (
-        lambda processor, *a, **k: _RecordingCollator(make_collator(processor, *a, **k), directory, rank))
+    return lambda collator: _RecordingCollator(collator, directory, rank)
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -200,15 +197,15 @@ def run(run_file: RunFile, result_path: str | Path | None = None, record_keys: s
     from plant_pipeline.ml.training.run import train
 
     rank = int(os.environ.get("RANK", "0"))
-    if record_keys:
-        _install_key_recorder(record_keys, rank)
+    wrap_collator = _key_recorder(record_keys, rank) if record_keys else None
     with _open_pipes(rank) as pipes:
         def on_log(record: dict) -> None:
             if pipes is not None:
                 pipes.log.info(format_progress(record))
 
         result = train(run_file.train, model_spec=run_file.model, shards_dir=run_file.shards_dir,
-                       checkpoints_dir=run_file.checkpoints_dir, output_dir=run_file.output_dir, on_log=on_log)
+                       checkpoints_dir=run_file.checkpoints_dir, output_dir=run_file.output_dir, on_log=on_log,
+                       wrap_collator=wrap_collator)
         if record_keys:
             atomic_write_json(Path(record_keys) / f"result-rank{rank}.json",
                               {"rank": rank, "steps": result.steps, "world_size": result.world_size})

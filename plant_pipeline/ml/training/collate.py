@@ -7,8 +7,9 @@ Shards hold uint8 pixels; the float ``pixel_values`` are made per batch by the p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -1,18 +1,18 @@
 """Read the next batches in a background thread while the training process waits on the GPU.
 
-With no DataLoader workers (the default on CUDA: worker processes cost more than they saved on the H200
-we measured) the next batch is read and collated after the step ends, and the Trainer ends every step
-with a host-device sync (its NaN/inf logging filter): the GPU idles for that whole read, 20-30 ms a step
-at batch 16 of 384 px images. A thread that stays ``depth`` batches ahead does the reading during the
-step instead. It shares the GIL with the step's kernel launches (file reads and the array copies release
-it, tar parsing does not); on the H200 the gap between steps fell from 22 to 1.4 ms (bench/gpu_train.py).
+With no DataLoader workers (the default on CUDA, where worker processes cost more than they saved) the next
+batch is read and collated after the step ends, and the Trainer ends every step with a host-device sync (its
+NaN/inf logging filter): the GPU idles for that whole read. A thread that stays ``depth`` batches ahead does
+the reading during the step instead. It shares the GIL with the step's kernel launches (file reads and the
+array copies release it, tar parsing does not); bench/gpu_train.py measures the gap between steps.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from torch.utils.data import DataLoader
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import webdataset as wds
 from webdataset.utils import pytorch_worker_info

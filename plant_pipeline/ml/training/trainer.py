@@ -1,7 +1,8 @@
 """A ``transformers.Trainer`` for LLaVA on streamed shards: answer-token loss, streaming loaders, fail-fast steps.
 
-Only documented hooks are overridden (data loaders, get_batch_samples, training_step, compute_loss,
-prediction_step, evaluate, _load_from_checkpoint), with the parent's signatures and return shapes.
+Documented hooks are overridden (data loaders, get_batch_samples, training_step, compute_loss,
+prediction_step, evaluate) with the parent's signatures and return shapes. The private Trainer API used where
+no public one exists is listed in PRIVATE_TRAINER_API, and used nowhere else in the package.
 
 No host-device synchronisation of its own per training step: batches go to the GPU non-blocking from pinned
 memory as soon as they are fetched, logit positions come from the collator, and pixels may travel as uint8
@@ -20,19 +21,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerState
 
 from plant_pipeline.ml.errors import PlantPipelineError
-from plant_pipeline.ml.shards.format import IGNORE_INDEX
 from plant_pipeline.ml.shards.pixels import PixelNormalizer
-from plant_pipeline.ml.training.collate import LOGIT_POSITIONS, MODEL_INPUTS, SAMPLE_KEYS
+from plant_pipeline.ml.training.checkpoints import CheckpointError
+from plant_pipeline.ml.training.collate import LOGIT_POSITIONS, SAMPLE_KEYS
+from plant_pipeline.ml.training.loss import labelled_token_loss
 from plant_pipeline.ml.training.prefetch import PrefetchingDataLoader
-from plant_pipeline.ml.training.run import CheckpointError
 
 logger = logging.getLogger(__name__)
+
+# The private Trainer API this module relies on, for want of a public one, with the parameters it relies on.
+# plant_pipeline_tests/training/test_trainer_api.py checks each against the installed transformers, so an
+# upgrade that renames or changes one fails there rather than mid-run.
+PRIVATE_TRAINER_API = {
+    # Overridden: the parent loads checkpoint weights non-strictly and only warns (see the override).
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+    # Called on resume: the parent restores the RNG state only at an epoch boundary (see train()).
+    "_load_rng_state": ("self", "checkpoint"),
+    # Called to move a batch to the device exactly as the parent's own prediction_step does.
+    "_prepare_inputs": ("self", "inputs"),
+}
+# Read, not called: the batch size the parent's training loop uses (it may differ from args with
+# auto_find_batch_size, or after a resume that restores it from the checkpoint's state).
+PRIVATE_TRAINER_ATTRIBUTES = ("_train_batch_size",)
 
 
 class NonFiniteLossError(PlantPipelineError, FloatingPointError):
@@ -48,44 +63,6 @@ class NonFiniteLossError(PlantPipelineError, FloatingPointError):
             "saved. Lower learning_rate, use dtype='float32' or 'bfloat16' instead of float16, or inspect these "
             "samples."
         )
-
-
-def labelled_token_loss(model: nn.Module, inputs: dict[str, Any], normalizer: PixelNormalizer | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sum of cross-entropy over answer tokens, number of answer tokens (a 0-d tensor), logits [B, K, vocab]).
-
-    Logits are computed only at the K sequence positions where some row of the batch predicts an answer
-    token (``logit_positions`` from the collator, else found here): passed as a 1-D index tensor in
-    ``logits_to_keep``, LlavaForConditionalGeneration applies ``lm_head`` to those hidden states alone (a
-    dozen positions instead of one per image token; every transformers 5 release takes a 1-D tensor there).
-    The call goes through the outermost model (DDP, PEFT, accelerate's autocast wrapper), so DDP's gradient
-    hooks fire exactly as for an ordinary forward; calling the inner language model and lm_head directly
-    would bypass them. uint8 ``pixel_values`` are expanded with ``normalizer`` on their device first.
-    """
-    labels = inputs["labels"]
-    shifted = labels[:, 1:]  # position t predicts token t + 1
-    columns = inputs.get(LOGIT_POSITIONS)
-    if columns is None:
-        columns = (shifted != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    targets = shifted[:, columns]  # [B, K], -100 where this row has no answer token at that position
-    model_inputs = {k: inputs[k] for k in MODEL_INPUTS}
-    if model_inputs["pixel_values"].dtype == torch.uint8:
-        if normalizer is None:
-            raise ValueError(
-                "pixel_values are uint8 (a collator with defer_pixel_normalization=True) but no PixelNormalizer "
-                "was given: pass the collator's normalizer as CustomTrainer(pixel_normalizer=...)")
-        model_inputs["pixel_values"] = normalizer(model_inputs["pixel_values"])
-    outputs = model(**model_inputs, logits_to_keep=columns, use_cache=False)
-    logits = outputs.logits
-    if tuple(logits.shape[:2]) != tuple(targets.shape):
-        raise RuntimeError(
-            f"{type(model).__name__} returned logits of shape {tuple(logits.shape)} for logits_to_keep of "
-            f"{columns.numel()} positions; expected [{targets.shape[0]}, {targets.shape[1]}, vocab]. The model "
-            "must accept a 1-D tensor as logits_to_keep (LlavaForConditionalGeneration does)."
-        )
-    loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
-    return loss_sum, (targets != IGNORE_INDEX).sum(), logits
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -242,6 +219,12 @@ class CustomTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     # ---- checkpoints ----------------------------------------------------------------------------
+    def restore_checkpoint(self, checkpoint: str | Path) -> None:
+        """Load a checkpoint's weights (strictly: CheckpointError when they do not fit) and its TrainerState,
+        without training: for a run already at max_steps, which Trainer.train would take a step past it."""
+        self._load_from_checkpoint(str(checkpoint))
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The weights of a checkpoint, loaded strictly and under the names the model has.
 

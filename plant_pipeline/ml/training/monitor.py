@@ -1,0 +1,131 @@
+"""What a training run reports while it runs: peak memory (RSS, CUDA, MPS) and a progress callback with
+speed and ETA."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _max_rss_bytes() -> int:
+    # ru_maxrss: kilobytes on Linux, bytes on macOS; the lifetime peak, so only a fallback.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class MemoryMonitor:
+    """Peak RSS (sampled), CUDA max allocated and MPS driver memory over a training run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_rss = 0
+        self.peak_mps = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.sample()
+
+    def sample(self) -> None:
+        rss = _rss_bytes()
+        self.peak_rss = max(self.peak_rss, rss if rss is not None else _max_rss_bytes())
+        if self.device.type == "mps":
+            self.peak_mps = max(self.peak_mps, int(torch.mps.driver_allocated_memory()))
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return self.peak_rss / 2**20
+
+    @property
+    def peak_cuda_mb(self) -> float | None:
+        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+
+    @property
+    def peak_mps_mb(self) -> float | None:
+        return self.peak_mps / 2**20 if self.device.type == "mps" else None
+
+
+def make_progress_callback(on_log: Callable[[dict], None] | None, memory: MemoryMonitor, global_batch: int):
+    """A TrainerCallback reporting progress to ``on_log`` and the logger; its ``samples_per_second`` counts
+    training steps only (built on call: transformers loads only when training)."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        """Forwards every log event, with speed and ETA, to ``on_log``; times steps without eval and saves."""
+
+        def __init__(self):
+            self.started_at: float | None = None
+            self.first_step = 0
+            self.step_seconds = 0.0
+            self.steps_timed = 0
+            self._interval_start: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started_at = self._interval_start = time.time()
+            self.first_step = state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.time()
+            if self._interval_start is not None:
+                self.step_seconds += now - self._interval_start
+                self.steps_timed += 1
+            self._interval_start = now
+            memory.sample()
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the last step's loss, even off the logging_steps grid
+
+        def _after_side_work(self):
+            # Evaluation and checkpointing are not training throughput: restart the step clock after them.
+            if self._interval_start is not None:
+                self._interval_start = time.time()
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            memory.sample()
+            self._after_side_work()
+
+        def on_save(self, args, state, control, **kwargs):
+            self._after_side_work()
+
+        @property
+        def samples_per_second(self) -> float:
+            return self.steps_timed * global_batch / self.step_seconds if self.step_seconds > 0 else 0.0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            memory.sample()
+            if not state.is_world_process_zero:
+                return
+            record = dict(logs or {})
+            record.update(step=state.global_step, max_steps=state.max_steps, rss_mb=round(memory.peak_rss_mb, 1))
+            if self.started_at is not None and state.global_step > self.first_step:
+                elapsed = time.time() - self.started_at
+                per_step = elapsed / (state.global_step - self.first_step)
+                record["samples_per_second"] = round(self.samples_per_second, 3)
+                record["eta_seconds"] = round(per_step * max(0, state.max_steps - state.global_step), 1)
+            logger.info("step %d/%d %s", state.global_step, state.max_steps,
+                        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                                 if k not in ("step", "max_steps")))
+            if on_log is not None:
+                on_log(record)
+
+    return ProgressCallback()
+
