@@ -16,17 +16,32 @@ export PLANT_PIPELINE_DATA_DIR ?= $(DATA_DIR)
 # Real photos for the tests that need them (skipped where absent); .ci/run sets this too.
 export PLANT_PIPELINE_SHARED_DATASETS ?= $(wildcard $(abspath ../shared/datasets))
 
-.PHONY: install demo test dev bench clean
+# Every package, at the version and hash requirements.lock records (`make lock` writes it from pyproject.toml), so
+# CI installs the same set every day. The lock pins torch's CPU build (2.13.0+cpu), which pip takes from its
+# configured find-links; there is no other candidate with that hash, so no CUDA build is ever resolved.
+LOCK := requirements.lock
+LOCK_VENV := build/lock-venv
+PIP_VERSION := 26.3
+
+.PHONY: install lock demo test dev bench clean
 
 install: $(STAMP)
 
-# torch is installed first, pinned, so pip takes the CPU wheel instead of resolving a CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# After a change to pyproject.toml's dependencies. The lock is for CPython 3.11 on Linux x86_64 (CI's platform);
+# the pip-compile in its header says how it was made.
+lock:
+	test -d $(LOCK_VENV) || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet pip-tools
+	$(LOCK_VENV)/bin/pip-compile --quiet --extra test --extra dev --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --output-file $(LOCK) pyproject.toml
 
 $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)

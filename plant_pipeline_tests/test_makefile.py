@@ -1,4 +1,5 @@
-"""The Makefile's dev and demo targets, read with ``make -n`` (nothing runs) or by running one cheap rule."""
+"""The Makefile's install, dev and demo targets, read with ``make -n`` (nothing runs) or by running one cheap rule,
+and the lock that ``make install`` installs from."""
 
 from __future__ import annotations
 
@@ -9,12 +10,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dagster import validate_run_config
+from dagster import config_from_files, validate_run_config
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from plant_pipeline.definitions import defs
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+# What `make install` installs: the runtime set and these extras (the `lock` rule names the same).
+LOCKED_EXTRAS = ("test", "dev")
 
 
 def _make(*args: str, env: dict[str, str] | None = None) -> str:
@@ -29,6 +40,7 @@ def _dagster_dev_line(text: str) -> str:
     return line
 
 
+@needs_make
 def test_dev_ignores_a_host_and_port_the_shell_exports():
     # Shells export HOST as the machine's name (and some platforms PORT): the UI must not follow them.
     line = _dagster_dev_line(_make("-n", "dev", env={"HOST": "example.org", "PORT": "8080"}))
@@ -36,11 +48,13 @@ def test_dev_ignores_a_host_and_port_the_shell_exports():
     assert "example.org" not in line and "8080" not in line
 
 
+@needs_make
 def test_dev_binds_where_the_project_variables_say():
     line = _dagster_dev_line(_make("-n", "dev", "UI_HOST=0.0.0.0", "UI_PORT=3001"))
     assert "-h 0.0.0.0 -p 3001" in line, line
 
 
+@needs_make
 def test_demo_reads_the_synthetic_release_from_data_dir(tmp_path):
     data_dir = tmp_path / "elsewhere"
     plan = _make("-n", "demo", f"DATA_DIR={data_dir}")
@@ -50,11 +64,53 @@ def test_demo_reads_the_synthetic_release_from_data_dir(tmp_path):
 
     # The rule that writes the overlay runs without the venv; merged over config/demo.yaml it moves only the path.
     _make(str(overlay), f"DATA_DIR={data_dir}")
-    from dagster._cli.workspace.cli_target import get_run_config_from_file_list
-
-    base = get_run_config_from_file_list([str(REPO / "config" / "demo.yaml")])
-    merged = get_run_config_from_file_list([str(REPO / "config" / "demo.yaml"), str(overlay)])
+    # config_from_files merges as `dagster ... -c a -c b` does (the later file winning).
+    base = config_from_files([str(REPO / "config" / "demo.yaml")])
+    merged = config_from_files([str(REPO / "config" / "demo.yaml"), str(overlay)])
     assert merged["ops"]["oxford_flowers"]["config"]["local_dir"] == str(data_dir / "demo_release")
     assert merged["ops"]["oxford_flowers"]["config"]["md5"] == {}
     assert merged["ops"]["trained_model"] == base["ops"]["trained_model"]
-    assert validate_run_config(defs.resolve_implicit_global_asset_job_def(), merged)
+    assert validate_run_config(defs().resolve_implicit_global_asset_job_def(), merged)
+
+
+def _locked() -> dict[str, Version]:
+    """requirements.lock's pins: name -> version."""
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)", line)
+        if match:
+            pins[canonicalize_name(match[1])] = Version(match[2])
+    return pins
+
+
+def test_the_lock_pins_every_dependency_within_pyproject_and_torch_on_cpu():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    wanted += [Requirement(r) for extra in LOCKED_EXTRAS for r in project["optional-dependencies"][extra]]
+    pins = _locked()
+    missing = [str(r) for r in wanted if canonicalize_name(r.name) not in pins]
+    assert not missing, f"not in requirements.lock (run `make lock`): {missing}"
+    outside = [f"{r} (locked {pins[canonicalize_name(r.name)]})" for r in wanted
+               if not r.specifier.contains(pins[canonicalize_name(r.name)], prereleases=True)]
+    assert not outside, f"requirements.lock disagrees with pyproject.toml (run `make lock`): {outside}"
+    # The CPU wheel; a CUDA build would bring nvidia-* and triton with it.
+    assert pins["torch"].local == "cpu"
+    assert not [name for name in pins if name.startswith("nvidia-") or name == "triton"]
+    # dg's CLI pins dagster to its own release: the whole family moves together.
+    assert pins["dagster-dg-cli"] == pins["dagster"] == pins["dagster-webserver"] == pins["dagster-pipes"]
+
+
+def test_every_locked_package_is_hashed():
+    text = (REPO / "requirements.lock").read_text()
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text.split("\n", 1)[1])
+    unhashed = [entry.split()[0] for entry in entries if "==" in entry.split()[0] and "--hash=sha256:" not in entry]
+    assert not unhashed
+    assert "file://" not in text, "a local path in the lock installs nowhere else"
+
+
+@needs_make
+def test_install_takes_the_lock_and_nothing_else():
+    plan = _make("-n", "-B", "install")
+    assert "pip install --quiet --require-hashes --no-deps -r requirements.lock" in plan, plan
+    assert "pip install --quiet --no-deps -e ." in plan, plan
+    assert "pip check" in plan, plan
