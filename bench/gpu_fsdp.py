@@ -31,7 +31,7 @@ FSDP_CONFIG = REPO / "config" / "accelerate" / "fsdp_7b.yaml"
 def make_data(work: Path) -> tuple[Path, Path]:
     from transformers import AutoProcessor
 
-    from plant_pipeline.ml.model.tiny import build_tiny_llava
+    from plant_pipeline.ml.model import build_tiny_llava
     from plant_pipeline.ml.testing import write_toy_shards
 
     model = build_tiny_llava(work / "tiny-random-llava")
@@ -71,7 +71,7 @@ def reloaded_validation_loss(model_path: Path, spec, shards: Path) -> float:
 
 def run_side(work: Path, model: Path, shards: Path, side: str, dtype: str, nproc: int, steps: int,
              device: str) -> dict:
-    from plant_pipeline.ml.model.spec import ModelSpec
+    from plant_pipeline.ml.model import ModelSpec
     from plant_pipeline.ml.training import RunFile, TrainConfig
 
     label = "plain" if side == "plain" else Path(side).stem

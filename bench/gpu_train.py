@@ -191,7 +191,7 @@ def make_samples(case: Case, count: int, seed: int = 0) -> list:
     """[bos, image x N, ~20 prompt tokens, ~8 answer tokens, eos]; labels -100 up to the answer."""
     import numpy as np
 
-    from plant_pipeline.ml.shards.format import IGNORE_INDEX, Sample
+    from plant_pipeline.ml.shards import IGNORE_INDEX, Sample
 
     rng = np.random.default_rng(seed)
     image_token = case.vocab - 1
@@ -211,11 +211,11 @@ def make_samples(case: Case, count: int, seed: int = 0) -> list:
 
 
 def write_shards(out_dir: Path, case: Case, samples: list, num_shards: int) -> Path:
-    """Shards and index.json in the flower_shards format (shard_format.py)."""
+    """Shards and index.json in the flower_shards format, through the index writer the build uses."""
     import webdataset as wds
 
-    from plant_pipeline.ml.files import atomic_write_json, sha256_file
-    from plant_pipeline.ml.shards.format import INDEX_FILE, INDEX_FORMAT_VERSION, encode_sample
+    from plant_pipeline.ml.shards import make_index, shard_entry, split_entry, write_index
+    from plant_pipeline.ml.testing import encode_sample
 
     (out_dir / "train").mkdir(parents=True, exist_ok=True)
     per_shard = math.ceil(len(samples) / num_shards)
@@ -225,20 +225,16 @@ def write_shards(out_dir: Path, case: Case, samples: list, num_shards: int) -> P
         with wds.TarWriter(str(out_dir / name)) as writer:
             for sample in samples[start:start + per_shard]:
                 writer.write(encode_sample(sample))
-        path = out_dir / name
-        shards.append({"file": name, "samples": len(samples[start:start + per_shard]), "bytes": path.stat().st_size,
-                       "sha256": sha256_file(path)})
-    index = {"format_version": INDEX_FORMAT_VERSION, "model_name": f"synthetic-{case.name}",
-             "pixel_shape": [3, case.image_size, case.image_size], "num_image_tokens": case.image_tokens,
-             "splits": {"train": {"samples": len(samples), "bytes": sum(s["bytes"] for s in shards),
-                                  "quarantined": [], "shards": shards}}}
-    atomic_write_json(out_dir / INDEX_FILE, index)
+        shards.append(shard_entry(out_dir, name, len(samples[start:start + per_shard])))
+    write_index(out_dir, make_index(model_name=f"synthetic-{case.name}",
+                                    pixel_shape=[3, case.image_size, case.image_size],
+                                    num_image_tokens=case.image_tokens, splits={"train": split_entry(shards)}))
     return out_dir
 
 
 def normalizer_for(case: Case):
     """The processor's own uint8 -> float lookup table (pure-python image processors, no download)."""
-    from plant_pipeline.ml.shards.pixels import PixelNormalizer
+    from plant_pipeline.ml.shards import PixelNormalizer
 
     size = case.image_size
     if case.vision == "siglip":
@@ -326,7 +322,7 @@ def useful_flops_per_sample(model, case: Case, samples: list) -> float:
     """See the module docstring: model FLOPs needed for the answer-token loss, averaged over ``samples``."""
     from torch import nn
 
-    from plant_pipeline.ml.shards.format import IGNORE_INDEX
+    from plant_pipeline.ml.shards import IGNORE_INDEX
 
     per_token = {"vision": 0.0, "projector": 0.0, "language": 0.0, "lm_head": 0.0}  # FLOPs per token, fwd+bwd
     for name, module in model.named_modules():

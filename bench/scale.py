@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 def make_data(work: Path, shards: int) -> tuple[Path, Path]:
     from transformers import AutoProcessor
 
-    from plant_pipeline.ml.model.tiny import build_tiny_llava
+    from plant_pipeline.ml.model import build_tiny_llava
     from plant_pipeline.ml.testing import write_toy_shards
 
     model = build_tiny_llava(work / "tiny-random-llava")
@@ -40,7 +40,7 @@ def make_data(work: Path, shards: int) -> tuple[Path, Path]:
 
 def run_once(work: Path, model: Path, shards: Path, procs: int, args) -> dict:
     from plant_pipeline.defs.assets.training import launch_command
-    from plant_pipeline.ml.model.spec import ModelSpec
+    from plant_pipeline.ml.model import ModelSpec
     from plant_pipeline.ml.training import RunFile, TrainConfig
 
     out = work / f"np{procs}"

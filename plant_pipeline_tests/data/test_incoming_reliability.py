@@ -349,12 +349,12 @@ def test_a_ledger_of_format_1_is_read_and_extended(tmp_path):
 
 
 def test_new_files_wait_while_an_intake_run_is_in_flight(tmp_path):
-    from dagster import DagsterRunStatus
-    from dagster._core.test_utils import create_run_for_test
+    from dagster import DagsterRun, DagsterRunStatus
 
     _photo(tmp_path / "incoming" / "rose" / "a.jpg", 1)
     with instance_for_test() as instance:
-        run = create_run_for_test(instance, job_name="add_user_photos", status=DagsterRunStatus.STARTED)
+        run = instance.add_run(DagsterRun(job_name="add_user_photos", run_id="intake-in-flight",
+                                          status=DagsterRunStatus.STARTED))
         busy = _tick(tmp_path, instance)
         assert not busy.run_requests and run.run_id in busy.skip_reason.skip_message
         instance.report_run_failed(run)

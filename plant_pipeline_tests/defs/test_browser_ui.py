@@ -19,7 +19,7 @@ import pytest
 import torch
 from dagster import AssetKey, DagsterInstance, DagsterRunStatus
 
-from plant_pipeline.definitions import defs
+from plant_pipeline import definitions
 from plant_pipeline.ml.data.demo_release import make_demo_release
 from plant_pipeline_tests.defs.test_assets_pipeline import Pipeline
 from plant_pipeline_tests.ui_server import DagsterDev
@@ -141,7 +141,7 @@ def page(browser, request):
 
 def _drawn_graph(page) -> tuple[set[str], set[tuple[str, str]]]:
     """The asset names and (upstream, downstream) edges drawn in the lineage graph, read from the SVG."""
-    names = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    names = {key.to_user_string() for key in definitions.defs().resolve_asset_graph().get_all_asset_keys()}
     nodes = {}
     for node in page.evaluate(_NODES_JS):
         # Zoomed out a node shows its name only; zoomed in, its name and then its status rows.
@@ -174,7 +174,7 @@ def test_requests_beyond_localhost_are_blocked_and_recorded(page, ui, browser):
 
 
 def test_asset_graph_shows_every_asset_and_its_lineage(page, ui):
-    graph = defs.resolve_asset_graph()
+    graph = definitions.defs().resolve_asset_graph()
     expected_nodes = {key.to_user_string() for key in graph.get_all_asset_keys()}
     expected_edges = {(parent.to_user_string(), key.to_user_string())
                       for key in graph.get_all_asset_keys() for parent in graph.get(key).parent_keys}

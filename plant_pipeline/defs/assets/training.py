@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
+    DagsterExecutionInterruptedError,
     Failure,
     MaterializeResult,
     MetadataValue,
@@ -29,7 +30,6 @@ from dagster import (
     asset,
     open_pipes_session,
 )
-from dagster._core.errors import DagsterExecutionInterruptedError
 from pydantic import Field
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
