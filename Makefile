@@ -27,11 +27,25 @@ PIP_VERSION := 26.3
 
 install: $(STAMP)
 
+# The lock's platform. Elsewhere (a Mac, another Python) the lock's versions, without their hashes, constrain an
+# ordinary install of pyproject.toml, so pip picks the platform's own wheels (torch's included).
+LOCK_PLATFORM := linux-x86_64-cp311
+THIS_PLATFORM := $(shell $(PYTHON) -c 'import platform, sys; print(f"{sys.platform}-{platform.machine()}-cp{sys.version_info[0]}{sys.version_info[1]}")')
+CONSTRAINTS := $(VENV)/lock-constraints.txt
+# macOS has one torch build (CPU + MPS), without the +cpu tag; on Linux the tag stays, so no CUDA build is taken.
+TORCH_ON_MAC := $(if $(filter darwin-%,$(THIS_PLATFORM)),-e 's/^torch==\(.*\)+cpu$$/torch==\1/')
+
 $(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+ifeq ($(THIS_PLATFORM),$(LOCK_PLATFORM))
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(PY) -m pip install --quiet --no-deps -e .
+else
+	@echo "requirements.lock is for $(LOCK_PLATFORM), this is $(THIS_PLATFORM): installing within the lock's versions"
+	sed -e '/^ *#/d' -e '/^ *--hash/d' -e 's/ *\\$$//' -e '/^$$/d' $(TORCH_ON_MAC) $(LOCK) > $(CONSTRAINTS)
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[test,dev]'
+endif
 	$(PY) -m pip check
 	touch $(STAMP)
 

@@ -110,7 +110,27 @@ def test_every_locked_package_is_hashed():
 
 @needs_make
 def test_install_takes_the_lock_and_nothing_else():
-    plan = _make("-n", "-B", "install")
+    plan = _make("-n", "-B", "install", "THIS_PLATFORM=linux-x86_64-cp311")
     assert "pip install --quiet --require-hashes --no-deps -r requirements.lock" in plan, plan
     assert "pip install --quiet --no-deps -e ." in plan, plan
     assert "pip check" in plan, plan
+
+
+@needs_make
+@pytest.mark.parametrize("platform, torch_pin", [("darwin-arm64-cp311", "torch==2.13.0"),
+                                                 ("linux-x86_64-cp312", "torch==2.13.0+cpu")])
+def test_elsewhere_install_stays_within_the_locks_versions(tmp_path, platform, torch_pin):
+    # A Mac has one torch build, without the +cpu tag; on Linux the tag stays, so no CUDA build can be taken.
+    venv = tmp_path / "venv"
+    plan = _make("-n", "-B", "install", f"THIS_PLATFORM={platform}", f"VENV={venv}").splitlines()
+    assert not any("--require-hashes" in line for line in plan), plan
+    constraints = venv / "lock-constraints.txt"
+    install = [line for line in plan if f"-c {constraints}" in line]
+    assert install and "-e '.[test,dev]'" in install[0], plan
+    write = next(line for line in plan if line.startswith("sed ") and str(constraints) in line)
+    venv.mkdir()
+    subprocess.run(["bash", "-c", write], cwd=REPO, check=True, timeout=30)
+    lines = constraints.read_text().splitlines()
+    assert torch_pin in lines, [line for line in lines if line.startswith("torch")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==\S+( *;.*)?", line) for line in lines), lines
+    assert len(lines) == len(_locked())

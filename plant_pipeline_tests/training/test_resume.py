@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from plant_pipeline.ml.model.spec import ModelSpec
 from plant_pipeline.ml.testing import write_toy_shards
 from plant_pipeline.ml.training import CheckpointError, TrainConfig, configure_trainable, train
 from plant_pipeline.ml.training.checkpoints import CHECKPOINT_MANIFEST, find_resumable_checkpoint
@@ -22,19 +21,6 @@ from plant_pipeline.ml.training.trainer import CustomTrainer
 RUN = dict(max_steps=4, save_steps=2, eval_steps=0, per_device_train_batch_size=8, per_device_eval_batch_size=8,
            learning_rate=3e-3, lr_scheduler_type="linear", warmup_steps=1, dataloader_num_workers=0,
            shuffle_buffer=1, logging_steps=1, max_eval_samples=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see test_trainer.py: threads only slow the tiny model down on a busy machine
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_model_dir) -> ModelSpec:
-    return ModelSpec(model_name=str(tiny_model_dir), device="cpu", local_files_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from plant_pipeline.ml.model.spec import ModelSpec
 from plant_pipeline.ml.shards.format import read_index
@@ -14,19 +13,6 @@ from plant_pipeline.ml.training import RunIdentity, TrainConfig, TrainConfigErro
 RUN = dict(save_steps=2, eval_steps=0, per_device_train_batch_size=4, per_device_eval_batch_size=8,
            learning_rate=3e-3, lr_scheduler_type="constant", warmup_ratio=0.0, dataloader_num_workers=0,
            shuffle_buffer=16, logging_steps=1, max_eval_samples=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_model_dir) -> ModelSpec:
-    return ModelSpec(model_name=str(tiny_model_dir), device="cpu", local_files_only=True)
 
 
 def _folder(config: TrainConfig, spec: ModelSpec, shards) -> str:

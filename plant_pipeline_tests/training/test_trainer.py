@@ -39,21 +39,6 @@ FAST = dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, learnin
             max_eval_samples=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny model's matmuls gain nothing from threads; on a busy 2-core machine OpenMP spin-waiting made
-    # two threads ~10x slower than one. Restored after this module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_model_dir) -> ModelSpec:
-    return ModelSpec(model_name=str(tiny_model_dir), device="cpu", local_files_only=True)
-
-
 @pytest.fixture(scope="module")
 def val_batch(toy_shards, tiny_processor):
     samples = list(make_stream(split_shard_paths(toy_shards, "validation"), shuffle=False))
