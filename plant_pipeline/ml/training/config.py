@@ -18,6 +18,8 @@ from plant_pipeline.ml.training.compile import COMPILE_PAD_MULTIPLE
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+REPORT_TO = ("mlflow", "tensorboard", "none")
+KEEP = ("best", "last")
 
 
 class TrainConfigError(UsageError):
@@ -89,6 +91,18 @@ class TrainConfig:
         "help": "Validate on at most this many samples (None = the whole validation split)."})
     resume: bool = field(default=True, metadata={
         "help": "Resume from the last complete checkpoint whose run settings match; False deletes old checkpoints."})
+    report_to: str = field(default="mlflow", metadata={
+        "help": "Where the run's parameters, metrics and loss curve are logged: mlflow (the tracking resource's "
+                "store: a local one under the data folder unless a server is configured), tensorboard (in the "
+                "run's output folder) or none."})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "Stop once validation loss has not improved by early_stopping_threshold for this many "
+                "evaluations in a row (0 = never stop early; train to max_steps)."})
+    early_stopping_threshold: float = field(default=0.0, metadata={
+        "help": "The smallest fall in validation loss that counts as an improvement (>= 0)."})
+    keep: str = field(default="best", metadata={
+        "help": "Which weights become the trained model: best (the checkpoint with the lowest validation loss; "
+                "the metadata says its step) or last."})
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -115,6 +129,14 @@ class TrainConfig:
                 f"num_train_epochs must be a finite number > 0 or None (use max_steps); got {self.num_train_epochs}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
             raise TrainConfigError(f"learning_rate must be a finite number > 0; got {self.learning_rate}")
+        non_negative("early_stopping_patience")
+        if not (self.early_stopping_threshold >= 0 and math.isfinite(self.early_stopping_threshold)):
+            raise TrainConfigError(
+                f"early_stopping_threshold must be a finite number >= 0; got {self.early_stopping_threshold}")
+        if self.report_to not in REPORT_TO:
+            raise TrainConfigError(f"report_to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}")
+        if self.keep not in KEEP:
+            raise TrainConfigError(f"keep must be one of {', '.join(KEEP)}; got {self.keep!r}")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise TrainConfigError(
                 f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler_type!r}")
@@ -230,9 +252,10 @@ class RunIdentity:
         return f"{self.model_spec.slug}-{_digest(self.checkpoint_key())[:12]}"
 
     def result_key(self, max_steps: int, world_size: int) -> dict:
-        """What a finished result depends on: settings (all but resume), model, shard contents, steps and ranks."""
+        """What a finished result depends on: settings (all but resume and report_to), model, shard contents, steps and ranks."""
         return json_safe({
-            "train_config": {k: v for k, v in asdict(self.config).items() if k != "resume"},
+            # Where it resumes from and where it reports to do not change the result.
+            "train_config": {k: v for k, v in asdict(self.config).items() if k not in ("resume", "report_to")},
             "model_spec": asdict(self.model_spec),
             "shards_sha256": self.shards_sha256,
             "max_steps": max_steps,
