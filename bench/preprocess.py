@@ -34,6 +34,7 @@ from plant_pipeline.ml.data import (  # noqa: E402
     read_splits,
     safe_extract_tgz,
 )
+from plant_pipeline.ml.images import to_rgb  # noqa: E402
 from plant_pipeline.ml.model import TinyLlavaSpec, build_tiny_llava  # noqa: E402
 from plant_pipeline.ml.shards import (  # noqa: E402
     QUESTION,
@@ -42,7 +43,6 @@ from plant_pipeline.ml.shards import (  # noqa: E402
     build_shards,
     conversation,
     resize_and_crop,
-    to_rgb,
 )
 
 MINI = "oxford-flowers-102-mini"

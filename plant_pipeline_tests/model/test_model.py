@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.images import PixelFormatError, to_rgb
 from plant_pipeline.ml.model import TINY_MODEL_NAME, ModelConfigError, ModelSpec, TinyLlavaSpec, build_tiny_llava
 from plant_pipeline.ml.model.spec import model_slug, resolve_device, resolve_dtype
 from plant_pipeline.ml.shards.format import IGNORE_INDEX
-from plant_pipeline.ml.shards.pixels import PixelFormatError, PixelNormalizer, resize_and_crop, to_rgb
+from plant_pipeline.ml.shards.pixels import PixelNormalizer, resize_and_crop
 from plant_pipeline.ml.shards.prompts import PromptEncoder
 
 

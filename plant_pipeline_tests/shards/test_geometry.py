@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 from transformers.models.clip import CLIPImageProcessorPil
 
+from plant_pipeline.ml.images import PixelFormatError, to_rgb
 from plant_pipeline.ml.shards import pixels
 from plant_pipeline.ml.shards.geometry import direct_resize_and_crop, matches_processor, resizes_width_first
-from plant_pipeline.ml.shards.pixels import PixelFormatError, resize_and_crop, rgb_to_channels_first
+from plant_pipeline.ml.shards.pixels import resize_and_crop, rgb_to_channels_first
 
 BICUBIC = Image.Resampling.BICUBIC
 # Landscape, portrait, square, odd crop offsets, tall enough for Pillow 13 to resize the height first,
@@ -51,7 +52,7 @@ def test_direct_path_gives_the_processors_bytes_for_a_turned_photo(orientation):
     # must not turn it a second time.
     processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     with _turned_jpeg(120, 80, orientation) as image:
-        upright = pixels.to_rgb(image)
+        upright = to_rgb(image)
     assert upright.size == ((80, 120) if orientation in (6, 8) else (120, 80))
     assert np.array_equal(direct_resize_and_crop(processor)(upright), resize_and_crop(processor, upright))
 

@@ -1,4 +1,4 @@
-"""pixels.to_rgb: every mode and orientation a photo arrives in becomes the 8-bit RGB picture a person sees."""
+"""images.to_rgb: every mode and orientation a photo arrives in becomes the 8-bit RGB picture a person sees."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from plant_pipeline.ml.data import incoming
-from plant_pipeline.ml.shards.pixels import PixelFormatError, to_rgb
+from plant_pipeline.ml.images import PixelFormatError, to_rgb
 
 # A 16-bit ramp over the whole range: clipping would turn everything above 255 (99.6% of it) white.
 RAMP16 = (np.arange(64 * 64, dtype=np.int64).reshape(64, 64) * 65535 // (64 * 64 - 1)).astype(np.uint16)

@@ -28,7 +28,7 @@ from plant_pipeline.ml.shards.format import (
     split_shard_paths,
     write_index,
 )
-from plant_pipeline.ml.shards.pixels import PixelNormalizer, resize_and_crop, to_rgb
+from plant_pipeline.ml.shards.pixels import PixelNormalizer, resize_and_crop
 from plant_pipeline.ml.shards.preview import preview_grid
 from plant_pipeline.ml.shards.prompts import QUESTION, answer_text, conversation
 
@@ -60,6 +60,5 @@ __all__ = [
     "shard_entry",
     "split_entry",
     "split_shard_paths",
-    "to_rgb",
     "write_index",
 ]

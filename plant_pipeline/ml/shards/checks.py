@@ -20,8 +20,9 @@ from PIL import Image
 
 from plant_pipeline.ml.data.oxford import SOURCE as DEFAULT_SOURCE
 from plant_pipeline.ml.files import sha256_file
+from plant_pipeline.ml.images import to_rgb
 from plant_pipeline.ml.shards.format import FIELDS, ShardFormatError, ShardIndex, read_index
-from plant_pipeline.ml.shards.pixels import PixelNormalizer, to_rgb
+from plant_pipeline.ml.shards.pixels import PixelNormalizer
 from plant_pipeline.ml.shards.prompts import PromptEncoder, answer_text, conversation, load_processor
 from plant_pipeline.ml.shards.reader import READ_ERRORS, all_metas, iter_shard, read_problem, read_samples
 from plant_pipeline.ml.shards.rows import sample_key

@@ -20,9 +20,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from plant_pipeline.ml.images import DECODE_ERRORS, PixelFormatError, to_rgb
 from plant_pipeline.ml.shards.errors import ShardBuildError
 from plant_pipeline.ml.shards.geometry import direct_resize_and_crop
-from plant_pipeline.ml.shards.pixels import DECODE_ERRORS, PixelFormatError, resize_and_crop, to_rgb
+from plant_pipeline.ml.shards.pixels import resize_and_crop
 from plant_pipeline.ml.shards.prompts import load_processor
 from plant_pipeline.ml.shards.rows import Row, sample_meta
 from plant_pipeline.ml.shards.tar import member_bytes, meta_json, sample_frame, sample_nbytes

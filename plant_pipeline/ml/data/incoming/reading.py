@@ -12,7 +12,7 @@ from typing import BinaryIO, Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from plant_pipeline.ml.shards.pixels import DECODE_ERRORS, to_rgb
+from plant_pipeline.ml.images import DECODE_ERRORS, to_rgb
 
 # How much of a file is read to tell whether it is an image at all, before it is read whole.
 HEAD_BYTES = 64 * 1024
