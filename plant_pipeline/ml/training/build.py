@@ -16,6 +16,7 @@ from torch import nn
 
 from plant_pipeline.ml.training.compile import compile_blocks
 from plant_pipeline.ml.training.config import TrainConfig
+from plant_pipeline.ml.training.early_stopping import make_early_stopping_callback
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainingArguments
@@ -81,6 +82,12 @@ def training_arguments(config: TrainConfig, *, output_dir: str, max_steps: int, 
         **streaming_args(config, device, workers),
     )
     values.update(overrides)
+    if values["eval_strategy"] != "no" and (config.keep == "best" or config.early_stopping_patience):
+        # The Trainer tracks the lowest validation loss (early stopping compares with it), never rotates that
+        # checkpoint away, and with keep="best" loads it at the end. Not when an override turns saving off.
+        values.setdefault("metric_for_best_model", "eval_loss")
+        values.setdefault("greater_is_better", False)
+        values.setdefault("load_best_model_at_end", config.keep == "best" and values["save_strategy"] != "no")
     return TrainingArguments(**values)
 
 
@@ -91,6 +98,7 @@ def build_trainer(model: nn.Module, config: TrainConfig, args: TrainingArguments
     trainer-side knobs; compiles the model's blocks when ``config.compile_blocks`` says so.
 
     Progress goes to the callbacks and the loggers, not to stdout: the Trainer's PrinterCallback is removed.
+    With ``config.early_stopping_patience`` and evaluation on, the early-stopping callback is added.
     ``eval_workers``: DataLoader workers for validation (None: as for training).
     """
     from transformers import PrinterCallback
@@ -100,13 +108,16 @@ def build_trainer(model: nn.Module, config: TrainConfig, args: TrainingArguments
     if config.compile_blocks and compile_blocks(model) == 0:
         logger.warning("compile_blocks: %s has no transformer blocks to compile; training uncompiled",
                        type(model).__name__)
+    callbacks = list(callbacks)
+    if config.early_stopping_patience and args.eval_strategy != "no":
+        callbacks.append(make_early_stopping_callback(config))
     trainer = CustomTrainer(
         model=model,
         args=args,
         data_collator=data_collator,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        callbacks=list(callbacks),
+        callbacks=callbacks,
         memory_cleanup_steps=config.memory_cleanup_steps,
         max_eval_samples=config.max_eval_samples,
         eval_dataloader_num_workers=eval_workers,

@@ -96,13 +96,18 @@ class TrainConfig:
                 "store: a local one under the data folder unless a server is configured), tensorboard (in the "
                 "run's output folder) or none."})
     early_stopping_patience: int = field(default=0, metadata={
-        "help": "Stop once validation loss has not improved by early_stopping_threshold for this many "
-                "evaluations in a row (0 = never stop early; train to max_steps)."})
+        "help": "Stop once validation loss has not improved by more than early_stopping_threshold for this many "
+                "evaluations in a row (every eval_steps; needs eval_steps > 0); the result says at which step "
+                "and why. 0 = never stop early; train to max_steps."})
     early_stopping_threshold: float = field(default=0.0, metadata={
-        "help": "The smallest fall in validation loss that counts as an improvement (>= 0)."})
+        "help": "The fall in validation loss below the best so far that an evaluation must exceed to count as "
+                "an improvement (>= 0), as in transformers' EarlyStoppingCallback."})
     keep: str = field(default="best", metadata={
-        "help": "Which weights become the trained model: best (the checkpoint with the lowest validation loss; "
-                "the metadata says its step) or last."})
+        "help": "Which weights become the trained model: best (the checkpoint with the lowest validation loss, "
+                "as transformers' load_best_model_at_end: save_steps must be a multiple of eval_steps, so every "
+                "checkpoint is validated, and a new best between two saves is checkpointed too; the best "
+                "checkpoint is never rotated away by save_total_limit; the metadata says its step; with "
+                "eval_steps 0 only the last checkpoint is validated, so it is the best) or last."})
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -133,10 +138,21 @@ class TrainConfig:
         if not (self.early_stopping_threshold >= 0 and math.isfinite(self.early_stopping_threshold)):
             raise TrainConfigError(
                 f"early_stopping_threshold must be a finite number >= 0; got {self.early_stopping_threshold}")
+        if self.early_stopping_patience and self.eval_steps == 0:
+            raise TrainConfigError(
+                f"early_stopping_patience={self.early_stopping_patience} counts evaluations, but eval_steps=0 "
+                "validates only before and after training; set eval_steps > 0 (e.g. equal to save_steps) or "
+                "early_stopping_patience=0")
         if self.report_to not in REPORT_TO:
             raise TrainConfigError(f"report_to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}")
         if self.keep not in KEEP:
             raise TrainConfigError(f"keep must be one of {', '.join(KEEP)}; got {self.keep!r}")
+        if self.keep == "best" and self.eval_steps and self.save_steps % self.eval_steps:
+            multiple = self.eval_steps * -(-self.save_steps // self.eval_steps)
+            raise TrainConfigError(
+                f"keep='best' picks among validated checkpoints, but save_steps={self.save_steps} is not a multiple "
+                f"of eval_steps={self.eval_steps} (as transformers' load_best_model_at_end requires); set save_steps "
+                f"to {multiple}, eval_steps to a divisor of {self.save_steps}, or keep='last'")
         if self.lr_scheduler_type not in SCHEDULERS:
             raise TrainConfigError(
                 f"lr_scheduler_type must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler_type!r}")

@@ -21,7 +21,6 @@ LOSS_CURVE = "loss_curve.png"
 
 
 @dataclass
-@dataclass
 class TrainResult:
     """What train() returns (and the cli writes as JSON); RESULT_META in the result folder holds the same."""
 
@@ -44,6 +43,10 @@ class TrainResult:
     seconds: float
     loss_curve_path: str | None
     world_size: int = 1
+    stopped_early: bool = False  # early stopping ended the run before max_steps, at ``steps``
+    stop_reason: str | None = None
+    best_step: int | None = None  # keep="best": the step whose checkpoint the saved weights are (None: keep="last")
+    best_eval_loss: float | None = None  # its validation loss
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +111,8 @@ def save_result(trainer, processor, config: TrainConfig, model_spec: ModelSpec, 
 
 
 def finished_result(output_dir: Path, identity: dict) -> TrainResult | None:
-    """The TrainResult already in ``output_dir`` when it was made with exactly ``identity``, else None.
+    """The TrainResult already in ``output_dir`` when it was made with exactly ``identity`` and ran to its end
+    (max_steps, or an early stop), else None.
 
     Reported as resumed at its last step, as a re-run that finds only the final checkpoint reports it."""
     try:
@@ -116,7 +120,8 @@ def finished_result(output_dir: Path, identity: dict) -> TrainResult | None:
     except (OSError, ValueError):
         return None
     weights = [output_dir / n for n in (*WEIGHT_FILES, "model.safetensors.index.json")]
-    if (not isinstance(meta, dict) or meta.get("run_identity") != identity or meta.get("steps") != identity["max_steps"]
+    if (not isinstance(meta, dict) or meta.get("run_identity") != identity
+            or (meta.get("steps") != identity["max_steps"] and not meta.get("stopped_early"))
             or not any(f.is_file() and f.stat().st_size > 0 for f in weights)):
         return None
     curve = output_dir / LOSS_CURVE

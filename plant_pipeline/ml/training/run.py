@@ -2,9 +2,10 @@
 
 ``train(config, model_spec=..., shards_dir=..., checkpoints_dir=..., output_dir=...)`` checks the settings
 against the model and the machine and the shards against their index, streams the shards through CustomTrainer,
-resumes from the newest checkpoint whose files check out, and writes the adapter (or merged model), processor,
-loss curve and metadata atomically. A finished result with the same settings and data is kept as it is.
-Works under ``torchrun``: rank 0 alone writes the result.
+resumes from the newest checkpoint whose files check out, stops early when validation loss stops improving
+(``early_stopping_*``), and writes the best checkpoint's weights (or the last: ``keep``) as an adapter or merged
+model, with the processor, loss curve and metadata, atomically. A finished result with the same settings and data
+is kept as it is. Works under ``torchrun``: rank 0 alone writes the result.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from plant_pipeline.ml.training.config import (
     resolve_precision,
     sharded_engine,
 )
+from plant_pipeline.ml.training.early_stopping import stop_reason, stopped_in
 from plant_pipeline.ml.training.monitor import MemoryMonitor, make_progress_callback
 from plant_pipeline.ml.training.parts import configure_trainable, count_params, model_skeleton, validate_lora_targets
 from plant_pipeline.ml.training.results import TrainResult, finished_result, save_result
@@ -146,9 +148,11 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
                 args.device, dtype, trainable_params, total_params, max_steps,
                 f", resuming at step {resumed_step}" if resumed_step else "")
     initial = trainer.evaluate()
-    if resumed_step is not None and resumed_step >= max_steps:
-        # Already finished (killed while writing the result): Trainer.train would run one step past max_steps.
-        logger.info("%s is at max_steps=%d; not training further", resume_from, max_steps)
+    stopped_before = stopped_in(resume_from, config, max_steps) if resume_from else None
+    if (resumed_step is not None and resumed_step >= max_steps) or stopped_before:
+        # Already finished (killed while writing the result): Trainer.train would run one step past the end.
+        logger.info("%s is at max_steps=%d or stopped early there (%s); not training further", resume_from,
+                    max_steps, stopped_before or "no")
         trainer.restore_checkpoint(resume_from)
     else:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -162,6 +166,20 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         history = history + [{**final, "step": trainer.state.global_step}]
     memory.sample()
     train_losses = [e["loss"] for e in history if "loss" in e]
+    stopped = stop_reason(trainer.state, config, max_steps)
+    if stopped:
+        logger.info("stopped early at step %d of %d: %s", step, max_steps, stopped)
+    best_step = best_eval_loss = None
+    if config.keep == "best":
+        # Without evaluations during training (eval_steps=0) the last checkpoint is the only one validated.
+        loaded = trainer.best_checkpoint_loaded
+        best_step = checkpoint_step(loaded) if loaded else step
+        if loaded is None and trainer.state.best_global_step not in (None, step):
+            logger.warning("the best checkpoint (step %d) is gone from %s; the model keeps the last weights (step %d)",
+                           trainer.state.best_global_step, checkpoints_dir, step)
+        best_eval_loss = next(e["eval_loss"] for e in reversed(history)
+                              if "eval_loss" in e and e.get("step") == best_step)
+        logger.info("keeping the weights of step %d (validation loss %.6g)", best_step, best_eval_loss)
 
     summary = {
         "steps": trainer.state.global_step,
@@ -179,6 +197,10 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         "total_params": total_params,
         "resumed_from_step": resumed_step,
         "world_size": world_size,
+        "stopped_early": stopped is not None,
+        "stop_reason": stopped,
+        "best_step": best_step,
+        "best_eval_loss": best_eval_loss,
     }
     curve, _ = save_result(trainer, processor, config, model_spec, output_dir, history,
                            {**summary, "seconds": time.time() - started, "run_identity": result_key}, is_main)

@@ -44,6 +44,10 @@ PRIVATE_TRAINER_API = {
     "_load_rng_state": ("self", "checkpoint"),
     # Called to move a batch to the device exactly as the parent's own prediction_step does.
     "_prepare_inputs": ("self", "inputs"),
+    # Overridden: the parent loads a best checkpoint's full weights non-strictly too (see _load_best_model).
+    "_load_best_model": ("self",),
+    # Overridden: a new best validation loss between two save steps gets a checkpoint of its own.
+    "_determine_best_metric": ("self", "metrics", "trial"),
 }
 # Read, not called: the batch size the parent's training loop uses (it may differ from args with
 # auto_find_batch_size, or after a resume that restores it from the checkpoint's state).
@@ -152,6 +156,7 @@ class CustomTrainer(Trainer):
         self.read_ahead_batches = read_ahead_batches
         self._last_cleanup_step = -1
         self._rng_checkpoint: str | None = None  # see train()
+        self.best_checkpoint_loaded: Path | None = None  # set when the best checkpoint's weights replace the last
         # compute_loss normalises by num_items_in_batch itself: have the Trainer count answer tokens over the
         # whole accumulated batch (and across ranks) and not rescale the loss again.
         self.model_accepts_loss_kwargs = True
@@ -221,9 +226,38 @@ class CustomTrainer(Trainer):
     # ---- checkpoints ----------------------------------------------------------------------------
     def restore_checkpoint(self, checkpoint: str | Path) -> None:
         """Load a checkpoint's weights (strictly: CheckpointError when they do not fit) and its TrainerState,
-        without training: for a run already at max_steps, which Trainer.train would take a step past it."""
+        without training: for a run already at max_steps (or stopped early), which Trainer.train would take a step
+        further. Ends as train() does: with load_best_model_at_end, holding the best checkpoint's weights."""
         self._load_from_checkpoint(str(checkpoint))
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        if self.args.load_best_model_at_end and self.state.best_global_step:
+            # The recorded path is absolute: found again under output_dir, as the parent does when it saves.
+            best = Path(self.args.output_dir) / f"checkpoint-{self.state.best_global_step}"
+            if best.is_dir():
+                self.state.best_model_checkpoint = str(best)
+                self._load_best_model()
+
+    def _load_best_model(self) -> None:
+        """The best checkpoint's weights, loaded strictly as a resume loads them (_load_from_checkpoint): the
+        parent's plain ``load_state_dict(..., strict=False)`` of full weights misses every renamed key and only
+        warns, leaving the last weights in place. FSDP, DeepSpeed and SageMaker keep the parent's loader."""
+        from transformers.utils import is_sagemaker_mp_enabled
+
+        best = Path(self.state.best_model_checkpoint)
+        logger.info("loading the best checkpoint, %s (validation loss %s)", best.name, self.state.best_metric)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or is_sagemaker_mp_enabled():
+            super()._load_best_model()
+        else:
+            self._load_from_checkpoint(str(best))
+        self.best_checkpoint_loaded = best
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        is_new_best = super()._determine_best_metric(metrics=metrics, trial=trial)
+        if is_new_best and self.args.load_best_model_at_end:
+            # With eval_steps < save_steps an evaluation may fall between saves: a new best is checkpointed then
+            # too, so the best weights are always on disk (the parent would record a best it cannot load).
+            self.control.should_save = True
+        return is_new_best
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """The weights of a checkpoint, loaded strictly and under the names the model has.
