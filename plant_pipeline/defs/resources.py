@@ -1,8 +1,9 @@
-"""Resources: where the pipeline keeps its data, and which model it uses.
+"""Resources: where the pipeline keeps its data, which model it uses, and where it logs its experiments.
 
-Both are bound to an environment rather than a run, so they are resources. The code location binds them in
-``resources()`` below: to ``PLANT_PIPELINE_DATA_DIR`` and ``PLANT_PIPELINE_MODEL`` through ``dagster.EnvVar``
-where those are set (the UI's resource tab then names the variable), else to the defaults.
+All are bound to an environment rather than a run, so they are resources. The code location binds them in
+``resources()`` below: to ``PLANT_PIPELINE_DATA_DIR``, ``PLANT_PIPELINE_MODEL``, ``MLFLOW_TRACKING_URI`` and
+``MLFLOW_EXPERIMENT_NAME`` through ``dagster.EnvVar`` where those are set (the UI's resource tab then names the
+variable), else to the defaults.
 """
 
 import os
@@ -14,6 +15,13 @@ from pydantic import Field
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.ml.data import INCOMING_DIR
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
+from plant_pipeline.ml.training.tracking import (
+    DEFAULT_EXPERIMENT,
+    EXPERIMENT_ENV,
+    TRACKING_URI_ENV,
+    TrackingSettings,
+    local_store_uri,
+)
 
 DATA_DIR_ENV = "PLANT_PIPELINE_DATA_DIR"
 MODEL_ENV = "PLANT_PIPELINE_MODEL"
@@ -62,6 +70,21 @@ ModelResource = config_from_dataclass(
 )
 
 
+class TrackingResource(ConfigurableResource):
+    """Where training runs and evaluations are logged when a run's report_to is mlflow (MLflow)."""
+
+    tracking_uri: str = Field(default="", description=(
+        "MLflow tracking URI, e.g. a team's server http://mlflow.example.org:5000. Empty: a local store under the "
+        "data folder (<data>/mlflow/mlflow.db, artifacts in <data>/mlflow/artifacts); nothing to start."))
+    experiment_name: str = Field(default=DEFAULT_EXPERIMENT, description=(
+        "MLflow experiment the runs go to (created on first use)."))
+
+    def settings(self, storage: PipelineStorage, **tags: str) -> TrackingSettings:
+        """The core's settings, with ``tags`` for the MLflow run (the Dagster run id, for one)."""
+        return TrackingSettings(tracking_uri=self.tracking_uri or local_store_uri(storage.path("mlflow")),
+                                experiment_name=self.experiment_name, tags=tags)
+
+
 def from_environment(name: str, default: str) -> str:
     """``EnvVar(name)`` where the variable is set, so the UI shows where the value comes from; else ``default``."""
     return EnvVar(name) if name in os.environ else default
@@ -73,4 +96,6 @@ def resources() -> Definitions:
     return Definitions(resources={
         "storage": PipelineStorage(data_dir=from_environment(DATA_DIR_ENV, DEFAULT_DATA_DIR)),
         "model": ModelResource(model_name=from_environment(MODEL_ENV, DEFAULT_REAL_MODEL)),
+        "tracking": TrackingResource(tracking_uri=from_environment(TRACKING_URI_ENV, ""),
+                                     experiment_name=from_environment(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)),
     })

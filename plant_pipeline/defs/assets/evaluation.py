@@ -1,4 +1,5 @@
-"""Asset ``model_evaluation``: per-class accuracy of the trained model on the test shards, and its checks."""
+"""Asset ``model_evaluation``: per-class accuracy of the trained model on the test shards, and its checks; logged
+to the MLflow run of the training that made the model, where it has one."""
 
 from pathlib import Path
 
@@ -32,9 +33,11 @@ from plant_pipeline.ml.evaluation import (
     summary_metrics,
     write_report,
 )
+from plant_pipeline.ml.evaluation.tracking import log_evaluation
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.shards import INDEX_FILE
 from plant_pipeline.ml.training import load_trained
+from plant_pipeline.ml.training.tracking import check_tracking_store
 
 
 class ModelEvaluationConfig(Config):
@@ -111,6 +114,9 @@ def model_evaluation(
     trained = _latest_metadata(context, "trained_model")
     if trained is None or "model_path" not in trained:
         raise FileNotFoundError("trained_model has no materialisation with a model_path; materialise it first")
+    mlflow_run = trained.get("mlflow_run_id")
+    if mlflow_run:  # a tracking server that is down fails now, not after the evaluation
+        check_tracking_store(trained["mlflow_tracking_uri"])
     spec = model.spec(storage)
     shards_dir = storage.shards_dir(spec.slug)
     fine_tuned, processor = load_trained(trained["model_path"], spec)
@@ -169,6 +175,11 @@ def model_evaluation(
         "delta_macro_vs_previous": vs_previous["delta_macro"],
         "classes_worse_than_previous": vs_previous["classes_worse"],
     }
+    if mlflow_run:
+        log_evaluation(trained["mlflow_tracking_uri"], mlflow_run, summary, report_dir, step=trained.get("steps", 0))
+        metadata.update(mlflow_run_id=mlflow_run, mlflow_tracking_uri=trained["mlflow_tracking_uri"])
+        if "mlflow_run" in trained:
+            metadata["mlflow_run"] = MetadataValue.url(trained["mlflow_run"])
     if vs_base is not None:
         metadata.update({"delta_top1_vs_base": vs_base["delta_top1"], "delta_macro_vs_base": vs_base["delta_macro"],
                          "classes_worse_than_base": vs_base["classes_worse"]})

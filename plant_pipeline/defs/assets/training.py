@@ -3,7 +3,9 @@
 The asset writes a run file and starts ``python -m plant_pipeline.ml.training.cli`` (or ``torch.distributed.run``
 with ``nproc_per_node`` ranks); progress lines and the final metadata come back through Dagster Pipes, so
 the Dagster process never loads the model. The child's output is teed to ``<checkpoints>/launch/train.log``;
-a child that fails turns into a Failure with its exit code and the last lines of that log.
+a child that fails turns into a Failure with its exit code and the last lines of that log. With report_to="mlflow"
+the tracking resource's store is checked before the launch and handed to the child through MLflow's environment
+variables, and the metadata links the MLflow run.
 
 The asset holds its own output's lock and the shards' lock shared for the whole training, so flower_shards cannot
 rebuild the shards under it. The child dies with the Dagster process (Linux) and holds both locks while it lives.
@@ -35,10 +37,11 @@ from pydantic import Field
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.locks import asset_lock
 from plant_pipeline.defs.metadata import image
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
 from plant_pipeline.ml.files import atomic_write_json
 from plant_pipeline.ml.shards import read_index
 from plant_pipeline.ml.training import ENTRY_MODULE, RunFile, RunIdentity, TrainConfig
+from plant_pipeline.ml.training.tracking import check_tracking_store, recorded_run, run_url
 
 LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -141,23 +144,40 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
     code_version="1",
     kinds={"pytorch"},
     description="The model fine-tuned on the train shards (streamed), with checkpoints it resumes from; "
-    "its metadata shows the losses, speed, memory and a loss curve. Trains in a separate process "
-    "(nproc_per_node DDP ranks) launched through Dagster Pipes.",
+    "its metadata shows the losses, speed, memory and a loss curve, and links its MLflow run. Trains in a separate "
+    "process (nproc_per_node DDP ranks) launched through Dagster Pipes.",
 )
 def trained_model(
-    context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage, model: ModelResource
+    context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage, model: ModelResource,
+    tracking: TrackingResource,
 ) -> MaterializeResult:
     # Its own output written by one run at a time; the shards read under a shared lock for the whole training, so
     # flower_shards waits for it (then fails naming this run) and it waits while shards are being written.
     with asset_lock(context, storage) as own, asset_lock(context, storage, "flower_shards", shared=True) as shards:
-        return _train(context, config, storage, model, lock_fds=(own.fileno(), shards.fileno()))
+        return _train(context, config, storage, model, tracking, lock_fds=(own.fileno(), shards.fileno()))
+
+
+def mlflow_metadata(checkpoints_dir: Path) -> dict:
+    """The MLflow run a training in ``checkpoints_dir`` logged to: its id, store and, on a server, its page."""
+    record = recorded_run(checkpoints_dir)
+    if record is None:
+        return {}
+    metadata = {"mlflow_run_id": record["run_id"], "mlflow_tracking_uri": record["tracking_uri"]}
+    url = run_url(record["tracking_uri"], record["experiment_id"], record["run_id"])
+    if url:
+        metadata["mlflow_run"] = MetadataValue.url(url)
+    return metadata
 
 
 def _train(context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage,
-           model: ModelResource, lock_fds: tuple[int, ...]) -> MaterializeResult:
+           model: ModelResource, tracking: TrackingResource, lock_fds: tuple[int, ...]) -> MaterializeResult:
     train_config = to_dataclass(TrainConfig, config)  # validated here too: a bad setting fails before any launch
     if config.nproc_per_node < 1:
         raise Failure(f"nproc_per_node must be at least 1; got {config.nproc_per_node}")
+    settings = None
+    if train_config.report_to == "mlflow":
+        settings = tracking.settings(storage, **{"dagster.run_id": context.run.run_id})
+        check_tracking_store(settings.tracking_uri)  # a server that is down fails here, before the launch
     spec = model.spec(storage)
     spec.source()  # builds tiny-random-llava once here, so N ranks do not race to build it
     shards_dir = storage.shards_dir(spec.slug)
@@ -178,9 +198,13 @@ def _train(context: AssetExecutionContext, config: TrainedModelConfig, storage: 
     # The package root on the child's path, so the entry point imports even where the project is not installed.
     root = str(Path(__file__).resolve().parents[3])
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    if settings is not None:
+        env.update(settings.to_env())
     reported = client.run(context=context, command=command, env=env).get_materialize_result()
 
     metadata = dict(reported.metadata or {})
+    if settings is not None:
+        metadata.update(mlflow_metadata(checkpoints_dir))
     curve = json.loads(result_path.read_text()).get("loss_curve_path")
     if curve:
         metadata["loss_curve"] = image(Path(curve), "training and validation loss")

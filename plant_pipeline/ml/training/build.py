@@ -17,6 +17,7 @@ from torch import nn
 from plant_pipeline.ml.training.compile import compile_blocks
 from plant_pipeline.ml.training.config import TrainConfig
 from plant_pipeline.ml.training.early_stopping import make_early_stopping_callback
+from plant_pipeline.ml.training.tracking import make_tracking_callbacks
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback, TrainingArguments
@@ -72,7 +73,7 @@ def training_arguments(config: TrainConfig, *, output_dir: str, max_steps: int, 
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        report_to="none",
+        report_to="none",  # tracking: make_tracking_callbacks
         disable_tqdm=True,
         use_cpu=device.type == "cpu",
         bf16=dtype == torch.bfloat16,
@@ -98,7 +99,8 @@ def build_trainer(model: nn.Module, config: TrainConfig, args: TrainingArguments
     trainer-side knobs; compiles the model's blocks when ``config.compile_blocks`` says so.
 
     Progress goes to the callbacks and the loggers, not to stdout: the Trainer's PrinterCallback is removed.
-    With ``config.early_stopping_patience`` and evaluation on, the early-stopping callback is added.
+    With ``config.early_stopping_patience`` and evaluation on, the early-stopping callback is added; with
+    ``config.report_to``, the tracking callback (tracking.py; MLflow's store is checked here, before training).
     ``eval_workers``: DataLoader workers for validation (None: as for training).
     """
     from transformers import PrinterCallback
@@ -109,6 +111,7 @@ def build_trainer(model: nn.Module, config: TrainConfig, args: TrainingArguments
         logger.warning("compile_blocks: %s has no transformer blocks to compile; training uncompiled",
                        type(model).__name__)
     callbacks = list(callbacks)
+    callbacks += make_tracking_callbacks(config, args, callbacks)
     if config.early_stopping_patience and args.eval_strategy != "no":
         callbacks.append(make_early_stopping_callback(config))
     trainer = CustomTrainer(
