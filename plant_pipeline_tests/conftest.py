@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Training logs to MLflow by default (report_to="mlflow"); the tests' runs go to a store of the session's own,
+# never to MLflow's default (mlflow.db in the working directory).
+os.environ.setdefault("MLFLOW_TRACKING_URI",
+                      f"sqlite:///{tempfile.mkdtemp(prefix='plant-pipeline-tests-mlflow-')}/mlflow.db")
 
 from plant_pipeline.ml.testing import write_toy_shards  # noqa: E402  (used by the toy_shards fixture)
 

@@ -17,7 +17,7 @@ from plant_pipeline.defs.assets.flowers import category_map
 from plant_pipeline.defs.assets.shards import flower_shards
 from plant_pipeline.defs.assets.training import trained_model
 from plant_pipeline.defs.locks import LOCK_WAIT_ENV
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
 from plant_pipeline.ml.locking import OutputLockedError, output_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def test_flower_shards_and_trained_model_exclude_each_other(tmp_path, monkeypatc
     """Neither asset's body runs while the other holds the shards: both fail before touching a file."""
     storage = PipelineStorage(data_dir=str(tmp_path))
     model = ModelResource(model_name="tiny-random-llava", local_files_only=True, device="cpu")
-    resources = {"storage": storage, "model": model}
+    resources = {"storage": storage, "model": model, "tracking": TrackingResource()}
     lock = storage.path("locks", "flower_shards.lock")
     monkeypatch.setenv(LOCK_WAIT_ENV, "0.3")
     instance = DagsterInstance.ephemeral()

@@ -15,7 +15,7 @@ from pydantic import Field
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.ml.data import INCOMING_DIR
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
-from plant_pipeline.ml.training.tracking import (
+from plant_pipeline.ml.training import (
     DEFAULT_EXPERIMENT,
     EXPERIMENT_ENV,
     TRACKING_URI_ENV,

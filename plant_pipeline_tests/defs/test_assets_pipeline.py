@@ -6,6 +6,7 @@ assets on the same instance, because model_evaluation reads trained_model's late
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from plant_pipeline.defs.assets.shards import (
     shards_quarantine_rate,
 )
 from plant_pipeline.defs.assets.training import trained_model
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
 from plant_pipeline.ml.data.demo_release import make_demo_release
 from plant_pipeline.ml.data.manifest import read_manifest
 from plant_pipeline.ml.shards.format import read_index
@@ -68,7 +69,8 @@ class Pipeline:
         """Materialise the named assets (all by default) with their checks, on the shared instance."""
         names = list(selection) or list(ASSET_NAMES)
         return materialize(ASSETS, selection=names, instance=self.instance, raise_on_error=False,
-                           resources={"storage": self.storage, "model": self.model},
+                           resources={"storage": self.storage, "model": self.model,
+                                      "tracking": TrackingResource(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])},
                            run_config=self.run_config(names, **config))
 
 

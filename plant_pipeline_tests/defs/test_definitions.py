@@ -94,7 +94,7 @@ def test_asset_checks():
 
 
 def test_resources():
-    assert set(defs.resources) == {"storage", "model"}
+    assert set(defs.resources) == {"storage", "model", "tracking"}
     assert isinstance(defs.resources["storage"], PipelineStorage)
     assert isinstance(defs.resources["model"], ModelResource)
 

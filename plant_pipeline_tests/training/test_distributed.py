@@ -15,7 +15,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
 from plant_pipeline.defs.assets.training import launch_command, trained_model
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
 from plant_pipeline.ml.model.spec import ModelSpec, model_slug
 from plant_pipeline.ml.shards.format import split_shard_paths
 from plant_pipeline.ml.training import RunFile, RunFileError, TrainConfig, make_stream
@@ -29,7 +29,8 @@ FAST = dict(max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_si
             logging_steps=2, save_steps=4, eval_steps=0, max_eval_samples=8)
 METADATA_KEYS = {"model_path", "steps", "final_train_loss", "final_validation_loss", "initial_validation_loss",
                  "samples_per_second", "peak_memory_mb", "device", "dtype", "trainable_params", "total_params",
-                 "checkpoints_dir", "seconds", "loss_curve"}
+                 "checkpoints_dir", "seconds", "loss_curve", "stopped_early", "best_step", "best_eval_loss",
+                 "mlflow_run_id", "mlflow_tracking_uri"}
 
 
 def _train_keys(shards_dir: Path) -> list[str]:
@@ -174,7 +175,8 @@ def _materialize(instance: DagsterInstance, data: Path, model_dir: Path, **confi
     return materialize(
         [trained_model], instance=instance, raise_on_error=False,
         resources={"storage": PipelineStorage(data_dir=str(data)),
-                   "model": ModelResource(model_name=str(model_dir), device="cpu", local_files_only=True)},
+                   "model": ModelResource(model_name=str(model_dir), device="cpu", local_files_only=True),
+                   "tracking": TrackingResource(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])},
         run_config={"ops": {"trained_model": {"config": {**FAST, **config}}}},
     )
 
@@ -197,6 +199,14 @@ def test_asset_trains_two_ranks_through_pipes(pipeline_data, tiny_model_dir):
     assert logs, "the child's progress lines came back through Pipes"
     log = (Path(meta["checkpoints_dir"]) / "launch" / "train.log").read_text()
     assert "rank1" in log and "rank0" in log
+    # One MLflow run for the two ranks: rank 0 alone logs.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=meta["mlflow_tracking_uri"])
+    runs = client.search_runs([client.get_run(meta["mlflow_run_id"]).info.experiment_id],
+                              filter_string=f"tags.`dagster.run_id` = '{result.run_id}'")
+    assert [run.info.run_id for run in runs] == [meta["mlflow_run_id"]]
+    assert [m.step for m in client.get_metric_history(meta["mlflow_run_id"], "loss")][-1] == 4
 
 
 def test_a_crashing_child_fails_the_asset_with_its_exit_code_and_log(pipeline_data, tiny_model_dir):

@@ -25,6 +25,7 @@ from plant_pipeline.ml.evaluation import (
     compare,
     confusion_matrix,
     evaluate_shards,
+    log_evaluation,
     missing_classes,
     per_class_table,
     plot_confusion_matrix,
@@ -33,11 +34,9 @@ from plant_pipeline.ml.evaluation import (
     summary_metrics,
     write_report,
 )
-from plant_pipeline.ml.evaluation.tracking import log_evaluation
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.shards import INDEX_FILE
-from plant_pipeline.ml.training import load_trained
-from plant_pipeline.ml.training.tracking import check_tracking_store
+from plant_pipeline.ml.training import check_tracking_store, load_trained
 
 
 class ModelEvaluationConfig(Config):

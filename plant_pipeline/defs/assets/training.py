@@ -40,8 +40,15 @@ from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
 from plant_pipeline.ml.files import atomic_write_json
 from plant_pipeline.ml.shards import read_index
-from plant_pipeline.ml.training import ENTRY_MODULE, RunFile, RunIdentity, TrainConfig
-from plant_pipeline.ml.training.tracking import check_tracking_store, recorded_run, run_url
+from plant_pipeline.ml.training import (
+    ENTRY_MODULE,
+    RunFile,
+    RunIdentity,
+    TrainConfig,
+    check_tracking_store,
+    recorded_run,
+    run_url,
+)
 
 LOG_TAIL_LINES = 40
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>

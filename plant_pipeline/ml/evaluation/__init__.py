@@ -13,6 +13,7 @@ from plant_pipeline.ml.evaluation.metrics import (
 from plant_pipeline.ml.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy
 from plant_pipeline.ml.evaluation.report import read_report, write_report
 from plant_pipeline.ml.evaluation.scoring import EvaluationError
+from plant_pipeline.ml.evaluation.tracking import log_evaluation
 
 __all__ = [
     "EvalResult",
@@ -20,6 +21,7 @@ __all__ = [
     "compare",
     "confusion_matrix",
     "evaluate_shards",
+    "log_evaluation",
     "missing_classes",
     "per_class_table",
     "plot_confusion_matrix",

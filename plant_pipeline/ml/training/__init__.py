@@ -16,9 +16,23 @@ from plant_pipeline.ml.training.results import TrainResult, load_trained
 from plant_pipeline.ml.training.run import train
 from plant_pipeline.ml.training.shard_checks import ShardIntegrityError
 from plant_pipeline.ml.training.streaming import make_stream
+from plant_pipeline.ml.training.tracking import (
+    DEFAULT_EXPERIMENT,
+    EXPERIMENT_ENV,
+    TRACKING_URI_ENV,
+    TrackingError,
+    TrackingSettings,
+    check_tracking_store,
+    local_store_uri,
+    recorded_run,
+    run_url,
+)
 
 __all__ = [
+    "DEFAULT_EXPERIMENT",
     "ENTRY_MODULE",
+    "EXPERIMENT_ENV",
+    "TRACKING_URI_ENV",
     "CheckpointError",
     "MemoryEfficientCollator",
     "RunFile",
@@ -27,14 +41,20 @@ __all__ = [
     "ShardIntegrityError",
     "TrainConfig",
     "TrainConfigError",
+    "TrackingError",
+    "TrackingSettings",
     "TrainResult",
     "build_trainer",
+    "check_tracking_store",
     "configure_trainable",
     "labelled_token_loss",
     "load_trained",
+    "local_store_uri",
     "loader_workers",
     "make_stream",
     "memory_efficient_collate_fn",
+    "recorded_run",
+    "run_url",
     "train",
     "training_arguments",
     "validate_lora_targets",

@@ -143,6 +143,10 @@ def result_metadata(result: TrainResult, checkpoints_dir: str | Path) -> dict[st
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "resumed_from_step": result.resumed_from_step,
+        "stopped_early": result.stopped_early,
+        "stop_reason": result.stop_reason,
+        "best_step": result.best_step,
+        "best_eval_loss": result.best_eval_loss,
         "checkpoints_dir": {"raw_value": str(checkpoints_dir), "type": "path"},
         "seconds": round(result.seconds, 1),
     }

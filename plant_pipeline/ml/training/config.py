@@ -93,8 +93,8 @@ class TrainConfig:
         "help": "Resume from the last complete checkpoint whose run settings match; False deletes old checkpoints."})
     report_to: str = field(default="mlflow", metadata={
         "help": "Where the run's parameters, metrics and loss curve are logged: mlflow (the tracking resource's "
-                "store: a local one under the data folder unless a server is configured), tensorboard (in the "
-                "run's output folder) or none."})
+                "store: a local one under the data folder unless a server is configured), tensorboard (event files in "
+                "the run's checkpoints folder, under tensorboard/) or none."})
     early_stopping_patience: int = field(default=0, metadata={
         "help": "Stop once validation loss has not improved by more than early_stopping_threshold for this many "
                 "evaluations in a row (every eval_steps; needs eval_steps > 0); the result says at which step "

@@ -47,6 +47,7 @@ class TrainResult:
     stop_reason: str | None = None
     best_step: int | None = None  # keep="best": the step whose checkpoint the saved weights are (None: keep="last")
     best_eval_loss: float | None = None  # its validation loss
+    mlflow_run_id: str | None = None  # report_to="mlflow": the MLflow run that holds this training's figures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

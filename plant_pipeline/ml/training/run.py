@@ -38,6 +38,7 @@ from plant_pipeline.ml.training.parts import configure_trainable, count_params, 
 from plant_pipeline.ml.training.results import TrainResult, finished_result, save_result
 from plant_pipeline.ml.training.shard_checks import split_samples, verify_shards
 from plant_pipeline.ml.training.streaming import check_readers, make_stream
+from plant_pipeline.ml.training.tracking import recorded_run
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         "stop_reason": stopped,
         "best_step": best_step,
         "best_eval_loss": best_eval_loss,
+        "mlflow_run_id": (recorded_run(checkpoints_dir) or {}).get("run_id") if config.report_to == "mlflow" else None,
     }
     curve, _ = save_result(trainer, processor, config, model_spec, output_dir, history,
                            {**summary, "seconds": time.time() - started, "run_identity": result_key}, is_main)
