@@ -63,26 +63,38 @@ class TinyLlavaSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def _training_corpus() -> list[str]:
+def training_corpus(extra: tuple[str, ...] = ("USER: ASSISTANT: ",)) -> list[str]:
+    """The questions, the 102 answers and the chat template's role markers (``extra``), repeated by weight."""
     questions = ["What flower is this?", "What plant is this?", "Which flower is shown in the image?"]
     answers = [f"This is a {name}." for name in CATEGORY_NAMES]
-    return questions * 50 + answers * 20 + ["USER: ASSISTANT: " * 10]
+    return questions * 50 + answers * 20 + [" ".join(extra) * 10]
+
+
+def train_bpe(corpus: list[str], vocab_size: int, special_tokens: list[str], pre_tokenizer, alphabet: list[str]):
+    """A ``tokenizers`` BPE trained on ``corpus`` (deterministic: same corpus, same vocabulary)."""
+    from tokenizers import Tokenizer, models, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return tokenizer
+
+
+def bpe_vocab_and_merges(tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The trained model's vocabulary and merges, as a tokenizer class's ``vocab=``/``merges=`` take them."""
+    model = json.loads(tokenizer.to_str())["model"]
+    return model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
 
 
 def _build_tokenizer(spec: TinyLlavaSpec):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer = train_bpe(training_corpus(), spec.vocab_size, [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN],
+                          pre_tokenizers.ByteLevel(add_prefix_space=False), pre_tokenizers.ByteLevel.alphabet())
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=spec.vocab_size,
-        special_tokens=[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS_TOKEN,
@@ -117,7 +129,7 @@ def build_tiny_processor(spec: TinyLlavaSpec = TinyLlavaSpec()):
 
 
 def _build_model(spec: TinyLlavaSpec, tokenizer):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
@@ -141,37 +153,56 @@ def _build_model(spec: TinyLlavaSpec, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    return build_llava_model(vision, text, tokenizer, image_seq_length=spec.image_seq_length,
+                             strategy="default", feature_layer=-1, seed=spec.seed)
+
+
+def build_llava_model(vision, text, tokenizer, *, image_seq_length: int, strategy: str, feature_layer: int,
+                      seed: int):
+    """A ``LlavaForConditionalGeneration`` with random weights (seeded) from a vision and a text config."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=spec.image_seq_length,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
+        image_seq_length=image_seq_length,
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=feature_layer,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=text.tie_word_embeddings,
     )
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
-def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
-    """Build the tiny model deterministically into ``out_dir`` unless it is already there with this spec.
+def save_built(out_dir: str | os.PathLike, spec_file: str, spec: dict, build) -> Path:
+    """``build()`` -> (model, processor), saved into ``out_dir`` unless it already holds this ``spec``.
 
     Saved into a staging folder that then replaces ``out_dir`` whole, so a crash never leaves a half-saved
     model that a later run would load.
     """
     out_dir = Path(out_dir)
-    spec_file = out_dir / SPEC_FILE
-    if spec_file.exists() and json.loads(spec_file.read_text()) == asdict(spec):
+    saved = out_dir / spec_file
+    if saved.exists() and json.loads(saved.read_text()) == spec:
         return out_dir
-    logger.info("building %s into %s", TINY_MODEL_NAME, out_dir)
-    processor = build_tiny_processor(spec)
-    model = _build_model(spec, processor.tokenizer)
+    logger.info("building %s into %s", spec_file, out_dir)
+    model, processor = build()
     with staging_folder(out_dir) as staged:
         model.save_pretrained(staged)
         processor.save_pretrained(staged)
-        (staged / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
+        (staged / spec_file).write_text(json.dumps(spec, indent=2))
     return out_dir
+
+
+def build_tiny_llava(out_dir: str | os.PathLike, spec: TinyLlavaSpec = TinyLlavaSpec()) -> Path:
+    """Build the tiny model deterministically into ``out_dir`` unless it is already there with this spec."""
+
+    def build():
+        processor = build_tiny_processor(spec)
+        return _build_model(spec, processor.tokenizer), processor
+
+    return save_built(out_dir, SPEC_FILE, asdict(spec), build)
