@@ -53,3 +53,20 @@ def tiny_processor(tiny_model_dir):
 def toy_shards(tmp_path_factory, tiny_processor) -> Path:
     """4 classes of solid colours, 8/2/2 images per class in train/validation/test, 8 samples per shard."""
     return write_toy_shards(tmp_path_factory.mktemp("toy_shards"), tiny_processor)
+
+
+@pytest.fixture(scope="session")
+def twin_builds(tmp_path_factory):
+    """Offline twins of the documented real models, each built at most once per session (by hub id)."""
+    from plant_pipeline.ml.model.twins import TWINS, build_twin
+
+    root = tmp_path_factory.mktemp("twins")
+    built: dict[str, Path] = {}
+
+    def get(real_model: str) -> Path:
+        if real_model not in built:
+            spec = TWINS[real_model]
+            built[real_model] = build_twin(root / spec.folder_name, spec)
+        return built[real_model]
+
+    return get
