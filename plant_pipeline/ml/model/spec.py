@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from plant_pipeline.ml.device import DEVICE_TYPES, DevicePolicy, policy_of
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.model.tiny import TINY_MODEL_NAME, build_tiny_llava
 
@@ -34,7 +35,12 @@ def resolve_device(preference: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(preference)
+    try:
+        device = torch.device(preference)
+    except RuntimeError as err:
+        raise ModelConfigError(f"device must be auto, {', '.join(DEVICE_TYPES)}; got {preference!r}") from err
+    if device.type not in DEVICE_TYPES:
+        raise ModelConfigError(f"device must be auto, {', '.join(DEVICE_TYPES)}; got {preference!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelConfigError("device 'cuda' was asked for but no CUDA GPU is visible; use device='auto' or 'cpu'")
     if device.type == "mps" and not torch.backends.mps.is_available():
@@ -42,26 +48,16 @@ def resolve_device(preference: str = "auto") -> torch.device:
     return device
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    # bf16 matmuls on MPS need macOS 14+; CPU bf16 trains but slowly, so auto keeps fp32 there.
-    return device.type == "mps" and torch.backends.mps.is_macos_or_newer(14, 0)
-
-
-def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 where supported on a GPU, else fp16 on MPS, else fp32."""
+def resolve_dtype(preference: str, device: torch.device | DevicePolicy) -> torch.dtype:
+    """'auto': the device's choice (DevicePolicy.auto_dtype); an explicit dtype the device cannot run is an error."""
+    policy = policy_of(device)
     if preference == "auto":
-        if device.type in ("cuda", "mps") and bf16_supported(device):
-            return torch.bfloat16
-        if device.type == "mps":
-            return torch.float16
-        return torch.float32
+        return policy.auto_dtype
     if preference not in DTYPES:
         raise ModelConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {preference!r}")
     dtype = DTYPES[preference]
-    if dtype == torch.bfloat16 and device.type != "cpu" and not bf16_supported(device):
-        raise ModelConfigError(f"bfloat16 is not supported on {device}; use dtype='float16' or 'auto'")
+    if dtype == torch.bfloat16 and not policy.allows_bf16:
+        raise ModelConfigError(f"bfloat16 is not supported on this {policy.type} device; use dtype='float16' or 'auto'")
     return dtype
 
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from plant_pipeline.ml.device import DevicePolicy, policy_of
 from plant_pipeline.ml.training.compile import compile_blocks
-from plant_pipeline.ml.training.config import TrainConfig
+from plant_pipeline.ml.training.config import TrainConfig, check_device_settings
 from plant_pipeline.ml.training.early_stopping import make_early_stopping_callback
 from plant_pipeline.ml.training.tracking import make_tracking_callbacks
 
@@ -27,13 +28,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def streaming_args(config: TrainConfig, device: torch.device, workers: int) -> dict[str, Any]:
+def streaming_args(config: TrainConfig, device: torch.device | DevicePolicy, workers: int) -> dict[str, Any]:
     """The TrainingArguments with which CustomTrainer streams shards (part of training_arguments)."""
     return dict(
         lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_steps if config.warmup_steps > 0 else config.warmup_ratio,
         dataloader_num_workers=workers,
-        dataloader_pin_memory=device.type == "cuda",
+        dataloader_pin_memory=policy_of(device).pin_memory,
         dataloader_prefetch_factor=config.dataloader_prefetch_factor if workers > 0 else None,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -75,7 +76,7 @@ def training_arguments(config: TrainConfig, *, output_dir: str, max_steps: int, 
         save_total_limit=config.save_total_limit,
         report_to="none",  # tracking: make_tracking_callbacks
         disable_tqdm=True,
-        use_cpu=device.type == "cpu",
+        use_cpu=policy_of(device).use_cpu,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         ddp_find_unused_parameters=find_unused_parameters,
@@ -107,6 +108,8 @@ def build_trainer(model: nn.Module, config: TrainConfig, args: TrainingArguments
 
     from plant_pipeline.ml.training.trainer import CustomTrainer
 
+    # train() refuses this before loading the model; a benchmark calling build_trainer is stopped here.
+    check_device_settings(config, args.device)
     if config.compile_blocks and compile_blocks(model) == 0:
         logger.warning("compile_blocks: %s has no transformer blocks to compile; training uncompiled",
                        type(model).__name__)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from plant_pipeline.ml.device import DevicePolicy, policy_of
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.model.spec import ModelConfigError, ModelSpec, resolve_dtype
 from plant_pipeline.ml.training.compile import COMPILE_PAD_MULTIPLE
@@ -77,14 +78,14 @@ class TrainConfig:
     dataloader_num_workers: int | None = field(default=None, metadata={
         "help": "DataLoader worker processes per rank; None = auto: 0 on CUDA (pixels cross as uint8 and are "
                 "expanded on the GPU, and a thread in the training process reads the next batches during the step; "
-                "worker processes were slower there, bench/gpu_train.py), 2 elsewhere. "
+                "worker processes were slower there, bench/gpu_train.py), 2 on MPS and the CPU (device.py). "
                 "The train split needs at least ranks x workers shards."})
     dataloader_prefetch_factor: int = field(default=2, metadata={
         "help": "Batches each worker prepares ahead (with 0 workers on CUDA: the read-ahead thread)."})
     shuffle_buffer: int = field(default=500, metadata={
         "help": "Samples held per worker for shuffling (memory: buffer x sample size)."})
     memory_cleanup_steps: int = field(default=50, metadata={
-        "help": "Run gc and empty the CUDA/MPS cache every this many steps (0 = never)."})
+        "help": "Run gc and empty the CUDA/MPS allocator's cache every this many steps (0 = never)."})
     merge_lora: bool = field(default=False, metadata={
         "help": "Save the LoRA weights merged into a full model instead of a small adapter."})
     max_eval_samples: int | None = field(default=256, metadata={
@@ -287,22 +288,32 @@ class RunIdentity:
 
 # ---- settings resolved against this machine -------------------------------------------------------
 
-def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype:
+def resolve_precision(config: TrainConfig, device: torch.device | DevicePolicy) -> torch.dtype:
     """The compute dtype for ``config.dtype`` on ``device``; TrainConfigError where it cannot train."""
+    policy = policy_of(device)
     try:
-        dtype = resolve_dtype(config.dtype, device)
+        dtype = resolve_dtype(config.dtype, policy)
     except ModelConfigError as err:
         raise TrainConfigError(str(err)) from err
-    if dtype == torch.float16 and device.type == "cpu":
-        raise TrainConfigError("float16 training needs a GPU (cuda or mps); on CPU use dtype='float32' or 'bfloat16'")
+    if dtype == torch.float16 and not policy.trains_fp16:
+        raise TrainConfigError(f"float16 training needs a GPU (cuda or mps), not {policy.type}; "
+                               "use dtype='float32' or 'bfloat16'")
     return dtype
 
 
-def loader_workers(config: TrainConfig, device: torch.device) -> int:
-    """``dataloader_num_workers``, with None resolved for ``device`` (see its help)."""
+def check_device_settings(config: TrainConfig, device: torch.device | DevicePolicy) -> None:
+    """TrainConfigError for a setting ``device`` refuses (compile_blocks on MPS), before the model loads."""
+    policy = policy_of(device)
+    if config.compile_blocks and policy.compile_refusal:
+        raise TrainConfigError(policy.compile_refusal)
+
+
+def loader_workers(config: TrainConfig, device: torch.device | DevicePolicy) -> int:
+    """``dataloader_num_workers``, with None resolved for ``device`` (DevicePolicy.loader_workers)."""
     if config.dataloader_num_workers is not None:
         return config.dataloader_num_workers
-    return 0 if device.type == "cuda" else 2
+    policy = policy_of(device)
+    return policy.loader_workers
 
 
 def sharded_engine() -> str | None:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from plant_pipeline.ml.device import DevicePolicy, policy_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,33 +38,40 @@ def _max_rss_bytes() -> int:
 
 
 class MemoryMonitor:
-    """Peak RSS (sampled), CUDA max allocated and MPS driver memory over a training run."""
+    """Peak RSS (sampled) and peak device memory (CUDA's allocator peak, MPS's driver memory sampled) over a
+    training run; what each device can report is DevicePolicy's."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, policy: DevicePolicy | None = None):
         self.device = device
+        self.policy = policy or policy_of(device)
         self.peak_rss = 0
-        self.peak_mps = 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        self.peak_device = 0
+        self.policy.reset_peak_memory(device)
         self.sample()
 
     def sample(self) -> None:
         rss = _rss_bytes()
         self.peak_rss = max(self.peak_rss, rss if rss is not None else _max_rss_bytes())
-        if self.device.type == "mps":
-            self.peak_mps = max(self.peak_mps, int(torch.mps.driver_allocated_memory()))
+        if self.policy.device_memory_bytes is not None:
+            self.peak_device = max(self.peak_device, self.policy.device_memory_bytes(self.device))
 
     @property
     def peak_rss_mb(self) -> float:
         return self.peak_rss / 2**20
 
+    def _peak_device_mb(self, device_type: str) -> float | None:
+        if self.policy.type != device_type or self.policy.device_memory_bytes is None:
+            return None
+        self.sample()  # up to now: CUDA's counter also holds the peak since the last sample
+        return self.peak_device / 2**20
+
     @property
     def peak_cuda_mb(self) -> float | None:
-        return torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else None
+        return self._peak_device_mb("cuda")
 
     @property
     def peak_mps_mb(self) -> float | None:
-        return self.peak_mps / 2**20 if self.device.type == "mps" else None
+        return self._peak_device_mb("mps")
 
 
 def make_progress_callback(on_log: Callable[[dict], None] | None, memory: MemoryMonitor, global_batch: int):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerState
 
+from plant_pipeline.ml.device import policy_of
 from plant_pipeline.ml.errors import PlantPipelineError
 from plant_pipeline.ml.shards.pixels import PixelNormalizer
 from plant_pipeline.ml.training.checkpoints import CheckpointError
@@ -131,7 +132,7 @@ class CustomTrainer(Trainer):
     """Trainer over WebDataset streams.
 
     Extra keyword arguments:
-      memory_cleanup_steps: every this many optimizer steps, gc.collect() and empty the CUDA/MPS cache (0 = never).
+      memory_cleanup_steps: every this many optimizer steps, gc.collect() and empty the device's cache (0 = never).
       max_eval_samples: evaluate on at most this many validation samples (the first ones, in shard order).
       eval_dataloader_num_workers: workers for validation (default: dataloader_num_workers); the trainer
         caps nothing itself, so pass no more than the validation split has shards.
@@ -155,6 +156,8 @@ class CustomTrainer(Trainer):
         self.eval_dataloader_num_workers = eval_dataloader_num_workers
         self.read_ahead_batches = read_ahead_batches
         self._last_cleanup_step = -1
+        # Pinned memory, the read-ahead thread and cache emptying as this device wants them (device.py).
+        self.device_policy = policy_of(self.args.device)
         self._rng_checkpoint: str | None = None  # see train()
         self.best_checkpoint_loaded: Path | None = None  # set when the best checkpoint's weights replace the last
         # compute_loss normalises by num_items_in_batch itself: have the Trainer count answer tokens over the
@@ -167,15 +170,14 @@ class CustomTrainer(Trainer):
             "batch_size": batch_size,
             "collate_fn": self.data_collator,
             "num_workers": num_workers,
-            # Pinned host memory only helps copies to a CUDA device.
-            "pin_memory": self.args.dataloader_pin_memory and self.args.device.type == "cuda",
+            "pin_memory": self.args.dataloader_pin_memory and self.device_policy.pin_memory,
         }
         if num_workers > 0:
             params["prefetch_factor"] = self.args.dataloader_prefetch_factor or 2
             params["persistent_workers"] = persistent
             if self.args.dataloader_multiprocessing_context:
                 params["multiprocessing_context"] = self.args.dataloader_multiprocessing_context
-        elif self.args.device.type == "cuda":
+        elif self.device_policy.read_ahead_thread:
             # No worker processes: a thread reads ahead while the GPU runs the step (prefetch.py).
             return PrefetchingDataLoader(dataset, prefetch_depth=self.read_ahead_batches, **params)
         return DataLoader(dataset, **params)
@@ -313,10 +315,7 @@ class CustomTrainer(Trainer):
         if every and step > 0 and step % every == 0 and step != self._last_cleanup_step:
             self._last_cleanup_step = step
             gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if torch.backends.mps.is_available():
-                torch.mps.empty_cache()
+            self.device_policy.empty_cache(self.args.device)
 
     # ---- evaluation -----------------------------------------------------------------------------
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
