@@ -191,3 +191,41 @@ def test_shared_prefix_ranking_equals_the_naive_scorer(twin, shards):
                                        scorer=scorer) for scorer in ("shared", "naive")}
     assert results["shared"].predictions["predicted_label"].tolist() == \
         results["naive"].predictions["predicted_label"].tolist()
+
+
+REAL_SIZES = {QWEN_INTERLEAVE_05B.real_model: 384, LLAVA_15_7B.real_model: 336}
+
+
+def _at_size(image_processor, size: int):
+    """The same image-processor class and settings at another size (the real model's)."""
+    settings = image_processor.to_dict()
+    settings["size"] = {"height": size, "width": size} if "height" in settings["size"] else {"shortest_edge": size}
+    if settings.get("crop_size"):
+        settings["crop_size"] = {"height": size, "width": size}
+    return type(image_processor).from_dict(settings)
+
+
+def test_shard_pixels_are_exact_on_real_photos_at_twin_and_real_size(twin, shared_datasets):
+    import io
+    import tarfile
+
+    real_model, _, _, processor = twin
+    processors = [processor.image_processor, _at_size(processor.image_processor, REAL_SIZES[real_model])]
+    assert processors[1].size != processors[0].size
+    archive = shared_datasets / "oxford-flowers-102-mini" / "102flowers.tgz"
+    checked = 0
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            image = Image.open(io.BytesIO(tar.extractfile(member).read()))
+            for image_processor in processors:
+                stored = direct_resize_and_crop(image_processor)(image.convert("RGB"))
+                np.testing.assert_array_equal(stored, resize_and_crop(image_processor, image), err_msg=member.name)
+                expected = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+                normalized = PixelNormalizer.from_processor(image_processor)(torch.from_numpy(stored)[None])
+                assert torch.equal(normalized, expected), member.name
+            checked += 1
+            if checked == 6:
+                break
+    assert checked == 6
