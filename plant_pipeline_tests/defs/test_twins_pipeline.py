@@ -23,7 +23,7 @@ def _metadata(result, asset_name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    return make_demo_release(tmp_path_factory.mktemp("release"), train_per_class=2, validation_per_class=1,
+    return make_demo_release(tmp_path_factory.mktemp("release"), train_per_class=1, validation_per_class=1,
                              test_per_class=1, image_size=48)
 
 
@@ -72,3 +72,4 @@ def test_training_learns_and_evaluation_scores_every_class(twin_run):
     evaluation = _metadata(result, "model_evaluation")
     assert evaluation["num_test_images"] == 102 and len(evaluation["per_class"].records) == 102
     assert evaluation["model_path"] == trained["model_path"]
+

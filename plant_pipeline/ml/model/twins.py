@@ -153,13 +153,14 @@ def build_twin_processor(spec: TwinSpec):
 def _configs(spec: TwinSpec, tokenizer):
     from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
 
-    vision_kind = SiglipVisionConfig if spec.vision == "siglip" else CLIPVisionConfig
-    vision = vision_kind(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 4,
-                         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                         image_size=spec.image_size, patch_size=spec.patch_size)
+    sizes = dict(hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 4,
+                 num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                 image_size=spec.image_size, patch_size=spec.patch_size)
     if spec.vision == "siglip":
-        vision.vision_use_head = False  # as the real tower: LLaVA reads hidden states, never the pooled head
-        vision.hidden_act = "gelu_pytorch_tanh"
+        # No pooling head, as in the real tower: LLaVA reads the hidden states only.
+        vision = SiglipVisionConfig(**sizes, vision_use_head=False, layer_norm_eps=1e-6)
+    else:
+        vision = CLIPVisionConfig(**sizes, projection_dim=spec.vision_hidden)
     text_kind = Qwen2Config if spec.text == "qwen2" else LlamaConfig
     text = text_kind(hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 3,
                      num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
