@@ -156,3 +156,16 @@ def test_memory_monitor_samples_mps_driver_memory_as_a_peak():
     assert monitor.peak_cuda_mb is None
     cpu = MemoryMonitor(torch.device("cpu"))
     assert cpu.peak_mps_mb is None and cpu.peak_cuda_mb is None and cpu.peak_rss_mb > 0
+
+
+def test_build_trainer_refuses_compile_on_mps_before_compiling(trainer, monkeypatch):
+    import plant_pipeline.ml.training.config as config_module
+    from plant_pipeline.ml.training.build import build_trainer
+
+    compiled = []
+    monkeypatch.setattr(config_module, "policy_of", lambda device: policy_for("mps"))
+    monkeypatch.setattr("plant_pipeline.ml.training.build.compile_blocks", compiled.append)
+    with pytest.raises(TrainConfigError, match="compile_blocks=False"):
+        build_trainer(torch.nn.Linear(2, 2), TrainConfig(compile_blocks=True, report_to="none"), trainer.args,
+                      data_collator=lambda batch: batch, train_dataset=_Numbers())
+    assert compiled == []
