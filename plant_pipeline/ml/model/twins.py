@@ -150,6 +150,12 @@ def build_twin_processor(spec: TwinSpec):
                           chat_template=template)
 
 
+def padded_vocab_size(tokens: int) -> int:
+    """More embedding rows than ``tokens``, a multiple of 64, as in both real models (32064 rows for llava-1.5's
+    32002 tokens, 152000 for Qwen1.5's 151647): the logits hold ids that no token decodes to."""
+    return (tokens // 64 + 1) * 64
+
+
 def _configs(spec: TwinSpec, tokenizer):
     from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, SiglipVisionConfig
 
@@ -164,7 +170,8 @@ def _configs(spec: TwinSpec, tokenizer):
     text_kind = Qwen2Config if spec.text == "qwen2" else LlamaConfig
     text = text_kind(hidden_size=spec.text_hidden, intermediate_size=spec.text_hidden * 3,
                      num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                     num_key_value_heads=spec.text_heads, vocab_size=len(tokenizer), max_position_embeddings=512,
+                     num_key_value_heads=spec.text_heads, vocab_size=padded_vocab_size(len(tokenizer)),
+                     max_position_embeddings=512,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                      eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=spec.tie_word_embeddings)
     return vision, text
