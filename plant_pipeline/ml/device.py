@@ -51,9 +51,9 @@ class DevicePolicy:
 
     type: str
     bf16_supported: bool
-    # dtype="auto": bf16 where the GPU has it, fp16 on an MPS without it (fp32 would double the memory a 16 GB
-    # Mac has), fp32 on the CPU (bf16 trains there, but slowly) and on a CUDA GPU without bf16 (fp16 would
-    # need a loss scaler for LoRA and full fine-tuning alike).
+    # dtype="auto": bf16 where the GPU has it, fp16 on an MPS without it (fp32 would double the weights' share
+    # of a 16 GB Mac's memory), fp32 on the CPU (bf16 trains there, but slowly) and on a CUDA GPU without bf16
+    # (there fp16 is left to an explicit dtype="float16").
     auto_dtype: torch.dtype
     # An explicit bfloat16: refused on a GPU that lacks it; the CPU emulates it.
     allows_bf16: bool
