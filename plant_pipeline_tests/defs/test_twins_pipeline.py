@@ -13,7 +13,7 @@ from plant_pipeline.ml.model.twins import TWINS
 from plant_pipeline.ml.shards.format import read_index
 from plant_pipeline_tests.defs.test_assets_pipeline import ALL_CHECKS, ASSET_NAMES, Pipeline
 
-STEPS = 6
+STEPS = 4
 
 
 def _metadata(result, asset_name: str) -> dict:
@@ -38,7 +38,8 @@ def twin_run(request, release, twin_builds, tmp_path_factory):
             pipeline = Pipeline(tmp_path_factory.mktemp("data"), release.out_dir, instance)
             pipeline.model = ModelResource(model_name=str(twin_builds(request.param)), local_files_only=True,
                                            device="cpu")
-            result = pipeline.materialize(train={"max_steps": STEPS, "save_steps": STEPS, "eval_steps": STEPS},
+            result = pipeline.materialize(train={"max_steps": STEPS, "save_steps": STEPS, "eval_steps": STEPS,
+                                                 "max_eval_samples": 16},
                                           evaluation={"compare_with_base": False})
             failures = [str(e.event_specific_data.error) for e in result.all_events
                         if e.event_type_value == "STEP_FAILURE"]
