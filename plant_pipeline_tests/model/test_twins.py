@@ -58,7 +58,7 @@ def _photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def test_twin_has_the_real_models_classes_and_geometry(twin):
-    real_model, folder, spec, processor = twin
+    real_model, _, spec, processor = twin
     expected = EXPECTED[real_model]
     model = spec.load_model()
     config = model.config

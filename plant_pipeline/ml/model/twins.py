@@ -140,11 +140,15 @@ def build_twin_processor(spec: TwinSpec):
     if spec.vision == "siglip":
         # Resize straight to the square (aspect ratio not kept), no crop; SigLIP has no CLS token.
         image_processor = SiglipImageProcessorPil(size=square, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        tokenizer, template, extra_tokens = _qwen2_tokenizer(spec), QWEN_INTERLEAVE_TEMPLATE, 0
+        extra_tokens = 0
     else:
         # Shortest edge to the size, then the centre square; CLIP's CLS token is counted, then dropped ("default").
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": spec.image_size}, crop_size=square)
-        tokenizer, template, extra_tokens = _llama_tokenizer(spec), LLAVA_15_TEMPLATE, 1
+        extra_tokens = 1
+    if spec.text == "qwen2":
+        tokenizer, template = _qwen2_tokenizer(spec), QWEN_INTERLEAVE_TEMPLATE
+    else:
+        tokenizer, template = _llama_tokenizer(spec), LLAVA_15_TEMPLATE
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
                           vision_feature_select_strategy=spec.strategy, num_additional_image_tokens=extra_tokens,
                           chat_template=template)
