@@ -41,8 +41,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from bench.gpu_train import PAD_ID, Case, InMemoryDataset, make_samples, normalizer_for, plain_collate, \
-    tiny_cases, write_shards  # noqa: E402  (after sys.path)
+# After sys.path: the synthetic data, model config and plain-side collation are gpu_train's, not copies.
+from bench.gpu_train import (
+    PAD_ID,
+    Case,
+    InMemoryDataset,
+    make_samples,
+    normalizer_for,
+    plain_collate,
+    tiny_cases,
+    write_shards,
+)
 
 GIB = 2**30
 GOAL_GIB = 10.0  # a 16 GB M2 keeps 6 GiB for the system and the UI
@@ -169,8 +178,10 @@ def measure(side: str, case: Case, model_dir: Path, shards: Path, steps: int, ac
         stream = make_stream(split_shard_paths(shards, "train"), shuffle=True, shuffle_buffer=config.shuffle_buffer,
                              seed=0, epochs=None, num_workers=workers)
         collator = MemoryEfficientCollator(normalizer=normalizer_for(case), pad_token_id=PAD_ID)
-        make_trainer = lambda callbacks: build_trainer(model, config, args, data_collator=collator,  # noqa: E731
-                                                       train_dataset=stream, callbacks=callbacks)
+
+        def make_trainer(callbacks):
+            return build_trainer(model, config, args, data_collator=collator, train_dataset=stream,
+                                 callbacks=callbacks)
     else:
         samples = make_samples(case, count=BATCH * accumulation * steps + BATCH)  # the shards' samples
         dataset = InMemoryDataset(samples, normalizer_for(case))
@@ -179,8 +190,10 @@ def measure(side: str, case: Case, model_dir: Path, shards: Path, steps: int, ac
                                  lr_scheduler_type="constant", bf16=True, use_cpu=True, save_strategy="no",
                                  eval_strategy="no", report_to="none", logging_steps=1, disable_tqdm=True,
                                  remove_unused_columns=False, seed=0)
-        make_trainer = lambda callbacks: Trainer(model=model, args=args, data_collator=plain_collate,  # noqa: E731
-                                                 train_dataset=dataset, callbacks=callbacks)
+
+        def make_trainer(callbacks):
+            return Trainer(model=model, args=args, data_collator=plain_collate, train_dataset=dataset,
+                           callbacks=callbacks)
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -243,7 +256,7 @@ def run_child(side: str, work: Path, args) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--child", side, str(work), "--steps", str(args.steps),
            "--accumulation", str(args.accumulation)] + (["--quick"] if args.quick else [])
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"the {side} side failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -290,6 +303,8 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=1,
                         help="micro-batches per optimizer step (the recipe's 8 costs time, not peak memory)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per side")
+    parser.add_argument("--samples", type=int, default=None,
+                        help="samples in the shards (default: two shuffle buffers' worth, one per loader worker)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the script")
     parser.add_argument("--work", type=Path, default=None, help="keep the model and shards here (default: temp)")
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "WORK"), help=argparse.SUPPRESS)
@@ -307,9 +322,10 @@ def main() -> None:
         if not (work / "model" / "config.json").is_file():
             build_model(case, work / "model")
         if not (work / "shards" / "index.json").is_file():
-            # Enough samples for every micro-batch: the stream repeats them (epochs=None) in any case.
-            write_shards(work / "shards", case, make_samples(case, BATCH * args.accumulation * args.steps + BATCH),
-                         num_shards=2)
+            # As many samples as the default shuffle buffer holds per loader worker, so the buffers fill as in a
+            # real run (the plain side keeps only the samples it trains on in memory: its dataset costs it less).
+            count = args.samples or (2 * BATCH if args.quick else 2 * train_config(1, 1).shuffle_buffer)
+            write_shards(work / "shards", case, make_samples(case, count), num_shards=2)
         build_s = time.perf_counter() - start
         print(f"model and shards ready in {build_s:.0f} s under {work}", file=sys.stderr)
         ours = run_child("ours", work, args)
