@@ -17,7 +17,7 @@ weights, of the trainable copies and of the optimizer state; step time. Peak mem
 accumulated micro-batches (each one's activations are freed before the next), so the measured steps use
 --accumulation 1 unless told otherwise, to keep the run short on 2 cores.
 Prints a table, the ratio, and last one line of JSON. Usage:
-    python bench/memory_budget.py [--steps 2] [--accumulation 1] [--threads 2]
+    python bench/memory_budget.py [--steps 2] [--accumulation 1] [--threads 2] [--samples N] [--work DIR]
     python bench/memory_budget.py --quick      # tiny shapes: checks the script in seconds
 """
 
