@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -86,42 +85,6 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def tree_pss_bytes() -> int:
-    """This process and its loader workers; pages they share are counted once in total."""
-    me = os.getpid()
-    try:
-        children = [int(p) for p in Path(f"/proc/{me}/task/{me}/children").read_text().split()]
-    except OSError:
-        children = []
-    return sum(_pss_bytes(pid) for pid in [me, *children])
-
-
-class PeakSampler(threading.Thread):
-    def __init__(self, every: float = 0.2):
-        super().__init__(daemon=True)
-        self.every, self.peak, self._done = every, 0, threading.Event()
-
-    def run(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, tree_pss_bytes())
-            self._done.wait(self.every)
-
-    def stop(self) -> int:
-        self._done.set()
-        self.join()
-        return max(self.peak, tree_pss_bytes())
-
-
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -144,6 +107,7 @@ def measure(side: str, case: Case, model_dir: Path, shards: Path, steps: int, ac
 
     from plant_pipeline.ml.model import ModelSpec
     from plant_pipeline.ml.shards import split_shard_paths
+    from plant_pipeline.ml.testing import PeakSampler
     from plant_pipeline.ml.training import (
         MemoryEfficientCollator,
         build_trainer,
@@ -154,7 +118,7 @@ def measure(side: str, case: Case, model_dir: Path, shards: Path, steps: int, ac
     )
     from plant_pipeline.ml.training.config import resolve_precision
 
-    sampler = PeakSampler()
+    sampler = PeakSampler(every=0.2)
     sampler.start()
     readings = {"imports": rss_bytes()}
     device = torch.device("cpu")

@@ -17,7 +17,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -69,50 +68,13 @@ def make_data(work: Path, samples: int, scale: int) -> tuple[Path, dict[int, Pat
 
 # ---- one measurement (child process) -------------------------------------------------------------
 
-def _pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _tree_pss() -> int:
-    """Proportional set size of this process and its children: shared pages are counted once in total."""
-    me = os.getpid()
-    pids = [me]
-    try:
-        pids += [int(p) for p in Path(f"/proc/{me}/task/{me}/children").read_text().split()]
-    except OSError:
-        pass
-    return sum(_pss_bytes(pid) for pid in pids)
-
-
-class PeakSampler(threading.Thread):
-    def __init__(self, every: float = 0.25):  # reading smaps costs system time: not too often
-        super().__init__(daemon=True)
-        self.every, self.peak, self._done = every, 0, threading.Event()
-
-    def run(self):
-        while not self._done.is_set():
-            self.peak = max(self.peak, _tree_pss())
-            self._done.wait(self.every)
-
-    def stop(self) -> int:
-        self._done.set()
-        self.join()
-        self.peak = max(self.peak, _tree_pss())
-        return self.peak
-
-
 def measure(mode: str, model_dir: Path, shards: Path, steps: int, batch: int, workers: int) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from plant_pipeline.ml.model import ModelSpec
     from plant_pipeline.ml.shards import split_shard_paths
+    from plant_pipeline.ml.testing import PeakSampler
     from plant_pipeline.ml.training import (
         TrainConfig,
         build_trainer,
@@ -121,7 +83,7 @@ def measure(mode: str, model_dir: Path, shards: Path, steps: int, batch: int, wo
         memory_efficient_collate_fn,
     )
 
-    sampler = PeakSampler()
+    sampler = PeakSampler(every=0.25)
     sampler.start()
     spec = ModelSpec(model_name=str(model_dir), device="cpu", local_files_only=True)
     processor = spec.load_processor()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +115,46 @@ def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: d
         image_token_id=int(encoder.image_token_id), vocab_size=len(processor.tokenizer), splits=splits,
     ))
     return out_dir
+
+
+# ---- memory measurement for the benchmarks (Linux /proc) ------------------------------------------------
+
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss_bytes() -> int:
+    """Proportional set size of this process and its children (loader workers): pages they share are counted
+    once in total. 0 where /proc is missing."""
+    me = os.getpid()
+    try:
+        children = [int(p) for p in Path(f"/proc/{me}/task/{me}/children").read_text().split()]
+    except OSError:
+        children = []
+    return sum(_pss_bytes(pid) for pid in [me, *children])
+
+
+class PeakSampler(threading.Thread):
+    """Samples tree_pss_bytes() every ``every`` seconds until stop(), which returns the peak (reading smaps
+    costs system time: not too often)."""
+
+    def __init__(self, every: float):
+        super().__init__(daemon=True)
+        self.every, self.peak, self._done = every, 0, threading.Event()
+
+    def run(self):
+        while not self._done.is_set():
+            self.peak = max(self.peak, tree_pss_bytes())
+            self._done.wait(self.every)
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        self.peak = max(self.peak, tree_pss_bytes())
+        return self.peak
