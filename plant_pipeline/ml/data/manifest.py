@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from plant_pipeline.ml.data.categories import NUM_CLASSES
 from plant_pipeline.ml.errors import UsageError
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -23,8 +22,9 @@ class DatasetFormatError(UsageError):
     """A label/split file or manifest does not have the layout of the Oxford Flowers release."""
 
 
-def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
-    """Raise DatasetFormatError unless ``df`` has the manifest's columns, dtypes and value ranges."""
+def validate_manifest(df: pd.DataFrame, where: str = "manifest", num_classes: int | None = None) -> None:
+    """Raise DatasetFormatError unless ``df`` has the manifest's columns, dtypes and value ranges (labels
+    0..num_classes-1 where ``num_classes`` is given: a source's manifest is checked against its category map)."""
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise DatasetFormatError(f"{where}: missing columns {missing} (found {list(df.columns)})")
@@ -37,11 +37,11 @@ def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     bad_split = sorted(set(df["split"]) - set(SPLITS))
     if bad_split:
         raise DatasetFormatError(f"{where}: unknown split values {bad_split}; expected {list(SPLITS)}")
-    bad_label = df["label"][(df["label"] < 0) | (df["label"] >= NUM_CLASSES)]
+    upper = num_classes if num_classes is not None else np.iinfo(np.int64).max
+    bad_label = df["label"][(df["label"] < 0) | (df["label"] >= upper)]
     if len(bad_label):
-        raise DatasetFormatError(
-            f"{where}: {len(bad_label)} labels outside 0..{NUM_CLASSES - 1}, e.g. {int(bad_label.iloc[0])}"
-        )
+        expected = f"0..{num_classes - 1}" if num_classes is not None else ">= 0"
+        raise DatasetFormatError(f"{where}: {len(bad_label)} labels outside {expected}, e.g. {int(bad_label.iloc[0])}")
     if df["image_id"].duplicated().any():
         dup = df["image_id"][df["image_id"].duplicated()]
         raise DatasetFormatError(f"{where}: {len(dup)} duplicate image_id values, e.g. {int(dup.iloc[0])}")
