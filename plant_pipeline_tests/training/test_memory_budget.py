@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Two child processes building and training the full-size recipe's toy twin (~20 s): run with `pytest -m slow`.
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "memory_budget.py"
 
 
