@@ -95,14 +95,15 @@ def training_arguments(config: TrainConfig, *, output_dir: str, max_steps: int, 
 
 def build_trainer(model: nn.Module, config: TrainConfig, args: TrainingArguments, *, data_collator: Callable,
                   train_dataset, eval_dataset=None, eval_workers: int | None = None,
-                  callbacks: Iterable[TrainerCallback] = ()) -> CustomTrainer:
+                  callbacks: Iterable[TrainerCallback] = (), data: dict | None = None) -> CustomTrainer:
     """A CustomTrainer for ``model`` (already made trainable: parts.configure_trainable) with ``config``'s
     trainer-side knobs; compiles the model's blocks when ``config.compile_blocks`` says so.
 
     Progress goes to the callbacks and the loggers, not to stdout: the Trainer's PrinterCallback is removed.
     With ``config.early_stopping_patience`` and evaluation on, the early-stopping callback is added; with
     ``config.report_to``, the tracking callback (tracking.py; MLflow's store is checked here, before training).
-    ``eval_workers``: DataLoader workers for validation (None: as for training).
+    ``eval_workers``: DataLoader workers for validation (None: as for training). ``data``: the data facts tracking
+    records with the run (tracking.data_params).
     """
     from transformers import PrinterCallback
 
@@ -114,7 +115,7 @@ def build_trainer(model: nn.Module, config: TrainConfig, args: TrainingArguments
         logger.warning("compile_blocks: %s has no transformer blocks to compile; training uncompiled",
                        type(model).__name__)
     callbacks = list(callbacks)
-    callbacks += make_tracking_callbacks(config, args, callbacks)
+    callbacks += make_tracking_callbacks(config, args, callbacks, data)
     if config.early_stopping_patience and args.eval_strategy != "no":
         callbacks.append(make_early_stopping_callback(config))
     trainer = CustomTrainer(

@@ -38,7 +38,7 @@ from plant_pipeline.ml.training.parts import configure_trainable, count_params, 
 from plant_pipeline.ml.training.results import TrainResult, finished_result, save_result
 from plant_pipeline.ml.training.shard_checks import split_samples, verify_shards
 from plant_pipeline.ml.training.streaming import check_readers, make_stream
-from plant_pipeline.ml.training.tracking import recorded_run
+from plant_pipeline.ml.training.tracking import data_params, recorded_run
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
     trainer = build_trainer(model, config, args, data_collator=wrap_collator(collator) if wrap_collator else collator,
                             train_dataset=train_stream, eval_dataset=val_stream, eval_workers=eval_workers,
                             # manifest first: its hashing is no training time
-                            callbacks=[make_manifest_callback(), progress])
+                            callbacks=[make_manifest_callback(), progress], data=data_params(index))
 
     logger.info("training %s on %s (%s): %d trainable of %d parameters, %d steps%s", model_spec.model_name,
                 args.device, dtype, trainable_params, total_params, max_steps,

@@ -149,10 +149,11 @@ def _param_value(value: Any) -> str:
     return text[:500]  # within every MLflow version's limit per value (lora_target_modules is the longest)
 
 
-def run_params(config: TrainConfig, checkpoints_dir: Path, max_steps: int) -> dict[str, str]:
+def run_params(config: TrainConfig, checkpoints_dir: Path, max_steps: int,
+               data: dict[str, Any] | None = None) -> dict[str, str]:
     """The run's parameters: every TrainConfig field, the run identity recorded in the checkpoints folder (model,
-    revision, train shards' sha256), the resolved max_steps, the ranks and the categories the source has."""
-    from plant_pipeline.ml.data import CATEGORY_NAMES
+    revision, train shards' sha256), the resolved max_steps, the ranks and ``data``: the source and its number of
+    categories (data_params), where the caller knows them."""
     from plant_pipeline.ml.training.checkpoints import RUN_CONFIG
 
     params: dict[str, Any] = dict(asdict(config))
@@ -164,8 +165,7 @@ def run_params(config: TrainConfig, checkpoints_dir: Path, max_steps: int) -> di
     if "train_shards_sha256" in identity:
         params["data.train_shards_sha256"] = identity["train_shards_sha256"]
     params.update({"run.folder": checkpoints_dir.name, "run.max_steps": max_steps,
-                   "run.world_size": int(os.environ.get("WORLD_SIZE", "1")),
-                   "data.source": "oxford_flowers_102", "data.num_categories": len(CATEGORY_NAMES)})
+                   "run.world_size": int(os.environ.get("WORLD_SIZE", "1")), **(data or {})})
     return {key: _param_value(value) for key, value in params.items()}
 
 
@@ -247,7 +247,18 @@ def _numeric(logs: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def make_tracking_callbacks(config: TrainConfig, args, callbacks: Iterable = ()) -> list:
+def data_params(index: dict) -> dict[str, Any]:
+    """The data facts of shards' index.json for the run's parameters: source, number of categories, question."""
+    from plant_pipeline.ml.data import CategoryMap, oxford_map
+
+    found = index.get("categories")
+    categories = CategoryMap.from_json(found) if found else oxford_map()  # indexes before issue 15: Oxford's
+    return {"data.source": categories.source, "data.num_categories": len(categories),
+            "data.question": categories.question}
+
+
+def make_tracking_callbacks(config: TrainConfig, args, callbacks: Iterable = (),
+                            data: dict[str, Any] | None = None) -> list:
     """The callback that logs to ``config.report_to`` from rank 0 (none for "none" and on other ranks): MLflow
     (the store is checked here, before any training step) or TensorBoard files in ``<checkpoints>/tensorboard``.
 
@@ -274,7 +285,8 @@ def make_tracking_callbacks(config: TrainConfig, args, callbacks: Iterable = ())
         def _run(self, state) -> MlflowRun:
             if self.run is None:
                 self.run = MlflowRun.open(settings, checkpoints_dir, run_params(config, checkpoints_dir,
-                                                                                state.max_steps or args.max_steps),
+                                                                                state.max_steps or args.max_steps,
+                                                                                data),
                                           resume=config.resume)
             return self.run
 
