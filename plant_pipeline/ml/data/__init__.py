@@ -1,12 +1,29 @@
 """Stage 1: the data. Downloading (download.py) and safely extracting (archive.py) the Oxford release, its
 manifest of image, label and split (oxford.py, manifest.py), the categories, the synthetic demo release
-(demo_release.py, demo_drawing.py), and photos users drop into incoming/ (incoming/).
+(demo_release.py, demo_drawing.py), a person's own photos as sources (sources/: an image folder, a `datasets`
+dataset), content-hash splits (splits.py), and photos users drop into incoming/ (incoming/).
 
 Exported here: what the Dagster layer and the benchmarks call.
 """
 
 from plant_pipeline.ml.data.archive import ExtractLimits, safe_extract_tgz
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES, NUM_CLASSES
+from plant_pipeline.ml.data.categories import (
+    CATEGORY_NAMES,
+    DEFAULT_QUESTION,
+    NUM_CLASSES,
+    OXFORD_QUESTION,
+    OXFORD_SOURCE,
+    CategoryError,
+    CategoryMap,
+    check_category_counts,
+    merge_category_map,
+    normalise_name,
+    oxford_map,
+    read_category_map,
+    read_display_names,
+    relabel,
+    write_category_map,
+)
 from plant_pipeline.ml.data.download import (
     OFFICIAL_BASE_URL,
     OFFICIAL_MD5,
@@ -30,6 +47,19 @@ from plant_pipeline.ml.data.oxford import build_manifest, image_relpath, read_la
 
 __all__ = [
     "CATEGORY_NAMES",
+    "DEFAULT_QUESTION",
+    "OXFORD_QUESTION",
+    "OXFORD_SOURCE",
+    "CategoryError",
+    "CategoryMap",
+    "check_category_counts",
+    "merge_category_map",
+    "normalise_name",
+    "oxford_map",
+    "read_category_map",
+    "read_display_names",
+    "relabel",
+    "write_category_map",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_SETTLE_S",
     "INCOMING_DIR",

@@ -348,3 +348,14 @@ def check_category_counts(labels_and_splits: Iterable[tuple[int, str]], categori
     table = [{"category_id": i, "name": categories.names[i], **{s: counts[i][s] for s in ("train", "validation", "test")}}
              for i in range(len(categories))]
     return CountReport(errors, warnings, table)
+
+
+def relabel(labels: Iterable[int], from_names: tuple[str, ...] | list[str], to: CategoryMap) -> list[int]:
+    """Labels that index ``from_names`` as ids of ``to`` (matched by normalised name); every name must be in ``to``."""
+    mapping = {}
+    for label, name in enumerate(from_names):
+        category_id = to.id_of(name)
+        if category_id is None:
+            raise CategoryError(f"category {name!r} is not in the category map of source {to.source!r}")
+        mapping[label] = category_id
+    return [mapping[int(label)] for label in labels]
