@@ -20,17 +20,15 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
-from plant_pipeline.ml.data import CATEGORY_NAMES
 from plant_pipeline.ml.evaluation import (
     compare,
-    confusion_matrix,
     evaluate_shards,
+    evaluation_figures,
     log_evaluation,
     missing_classes,
     per_class_table,
-    plot_confusion_matrix,
-    plot_per_class_accuracy,
     read_report,
+    read_shard_categories,
     summary_metrics,
     write_report,
 )
@@ -40,8 +38,9 @@ from plant_pipeline.ml.training import check_tracking_store, load_trained
 
 
 class ModelEvaluationConfig(Config):
-    method: str = Field(default="rank", description="rank: score all 102 answers by likelihood (from one shared "
-                        "image+prompt prefix); generate: greedy answer matched to the closest name.")
+    method: str = Field(default="auto", description="rank: score every category's answer by likelihood (from one "
+                        "shared image+prompt prefix); prune: rank only the names under the likeliest first tokens; "
+                        "generate: greedy answer matched to the closest name; auto: rank, or prune for many names.")
     normalize: str = Field(default="mean", description="rank only: 'mean' log-probability per answer token (long "
                            "names are not penalised) or 'sum' (joint likelihood).")
     batch_size: int = Field(default=8, description="Test images per forward pass.")
@@ -61,15 +60,22 @@ def _latest_metadata(context: AssetExecutionContext, asset_name: str) -> dict | 
     return {key: value.value for key, value in event.asset_materialization.metadata.items()}
 
 
+# The full per-class table goes to per_class.csv; the UI shows its worst rows only.
+METADATA_ROWS = 200
+
+
 def _evaluate(model, processor, shards_dir: Path, config: ModelEvaluationConfig, context, label: str):
     def progress(done: int, total: int | None) -> None:
         if done == total or done % (config.batch_size * 20) == 0:
             context.log.info(f"{label}: {done}/{total} test images scored")
 
-    result = evaluate_shards(model, processor, shards_dir, method=config.method, normalize=config.normalize,
-                             batch_size=config.batch_size, max_samples=config.max_samples, progress=progress)
-    per_class = per_class_table(result.predictions, CATEGORY_NAMES)
-    return result, summary_metrics(result.predictions, CATEGORY_NAMES), per_class
+    categories = read_shard_categories(shards_dir)
+    result = evaluate_shards(model, processor, shards_dir, method=config.method, categories=categories,
+                             normalize=config.normalize, batch_size=config.batch_size,
+                             max_samples=config.max_samples, progress=progress)
+    context.log.info(f"{label}: {result.method_reason}")
+    per_class = per_class_table(result.predictions, categories.names)
+    return result, summary_metrics(result.predictions, categories.names), per_class
 
 
 def _base_report(context, spec, shards_dir: Path, config: ModelEvaluationConfig, storage: PipelineStorage):
@@ -128,11 +134,10 @@ def model_evaluation(
     vs_base = compare(summary, per_class, *_base_report(context, spec, shards_dir, config, storage)) \
         if config.compare_with_base else None
 
-    cm_png = plot_confusion_matrix(confusion_matrix(result.predictions, len(CATEGORY_NAMES)), CATEGORY_NAMES)
-    bars_png = plot_per_class_accuracy(per_class)
+    categories = read_shard_categories(shards_dir)
+    figures = evaluation_figures(result.predictions, per_class, categories.names)
     report_dir = storage.path("reports", context.run.run_id)
-    report = write_report(report_dir, summary, per_class, vs_previous,
-                          {"confusion_matrix.png": cm_png, "per_class_accuracy.png": bars_png}, result.predictions,
+    report = write_report(report_dir, summary, per_class, vs_previous, figures, result.predictions,
                           title=f"Evaluation of {trained['model_path']}")
 
     top1 = summary["top1_accuracy"]
@@ -150,8 +155,10 @@ def model_evaluation(
             metadata={"top1_accuracy": top1, "previous_top1_accuracy": previous_top1, "margin": config.regression_margin},
         ),
         AssetCheckResult(
-            check_name="coverage", passed=not missing and summary["num_classes_scored"] == len(CATEGORY_NAMES),
-            metadata={"classes_scored": summary["num_classes_scored"], "classes_without_test_images": missing},
+            check_name="coverage", passed=not missing and summary["num_classes_scored"] == len(categories),
+            metadata={"classes_scored": summary["num_classes_scored"], "num_categories": len(categories),
+                      "classes_without_test_images": missing[:METADATA_ROWS],
+                      "num_classes_without_test_images": len(missing)},
         ),
     ]
     top5 = summary["top5_accuracy"]
@@ -163,16 +170,21 @@ def model_evaluation(
         "top5_accuracy": summary["top5_accuracy"],
         "num_test_images": summary["num_test_images"],
         "images_per_second": round(result.images_per_second, 2),
-        "method": config.method,
+        "method": result.method,
+        "method_reason": result.method_reason,
+        "num_categories": len(categories),
+        "question": categories.question,
+        "category_source": categories.source,
         "model_path": MetadataValue.path(str(trained["model_path"])),
         "report_path": MetadataValue.path(str(report_dir)),
         "report": MetadataValue.md(report.read_text()),
-        "per_class": table(per_class),
-        "confusion_matrix": image(cm_png, "confusion matrix"),
-        "per_class_accuracy": image(bars_png, "per-class accuracy"),
+        "per_class": table(per_class, limit=METADATA_ROWS),
+        "per_class_path": MetadataValue.path(str(report_dir / "per_class.csv")),
+        **{file.removesuffix(".png"): image(png, file.removesuffix(".png").replace("_", " "))
+           for file, png in figures.items()},
         "delta_top1_vs_previous": vs_previous["delta_top1"],
         "delta_macro_vs_previous": vs_previous["delta_macro"],
-        "classes_worse_than_previous": vs_previous["classes_worse"],
+        "classes_worse_than_previous": vs_previous["classes_worse"][:METADATA_ROWS],
     }
     if mlflow_run:
         log_evaluation(trained["mlflow_tracking_uri"], mlflow_run, summary, report_dir, step=trained.get("steps", 0))
@@ -181,6 +193,6 @@ def model_evaluation(
             metadata["mlflow_run"] = MetadataValue.url(trained["mlflow_run"])
     if vs_base is not None:
         metadata.update({"delta_top1_vs_base": vs_base["delta_top1"], "delta_macro_vs_base": vs_base["delta_macro"],
-                         "classes_worse_than_base": vs_base["classes_worse"]})
+                         "classes_worse_than_base": vs_base["classes_worse"][:METADATA_ROWS]})
     # None is not a metadata value; leave such keys out rather than invent a number.
     return MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None}, check_results=checks)

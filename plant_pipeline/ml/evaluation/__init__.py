@@ -2,15 +2,23 @@
 answer (answers.py), per-class metrics, figures and the written report.
 """
 
-from plant_pipeline.ml.evaluation.evaluate import EvalResult, evaluate_shards
+from plant_pipeline.ml.evaluation.evaluate import EvalResult, choose_method, evaluate_shards, read_shard_categories
 from plant_pipeline.ml.evaluation.metrics import (
     compare,
+    confusion_counts,
     confusion_matrix,
     missing_classes,
+    most_confused_pairs,
     per_class_table,
     summary_metrics,
 )
-from plant_pipeline.ml.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy
+from plant_pipeline.ml.evaluation.plots import (
+    evaluation_figures,
+    plot_accuracy_overview,
+    plot_confused_pairs,
+    plot_confusion_matrix,
+    plot_per_class_accuracy,
+)
 from plant_pipeline.ml.evaluation.report import read_report, write_report
 from plant_pipeline.ml.evaluation.scoring import EvaluationError
 from plant_pipeline.ml.evaluation.tracking import log_evaluation
@@ -18,15 +26,22 @@ from plant_pipeline.ml.evaluation.tracking import log_evaluation
 __all__ = [
     "EvalResult",
     "EvaluationError",
+    "choose_method",
     "compare",
+    "confusion_counts",
     "confusion_matrix",
     "evaluate_shards",
+    "evaluation_figures",
     "log_evaluation",
     "missing_classes",
+    "most_confused_pairs",
+    "plot_accuracy_overview",
+    "plot_confused_pairs",
     "per_class_table",
     "plot_confusion_matrix",
     "plot_per_class_accuracy",
     "read_report",
+    "read_shard_categories",
     "summary_metrics",
     "write_report",
 ]

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
 from plant_pipeline.ml.evaluation.scoring import model_input_dtype
 
 MATCH_CUTOFF = 0.75
@@ -50,7 +49,7 @@ def _answer_core(text: str) -> str:
     return _LEAD_IN.sub("", normalize_name(first))
 
 
-def match_answer(text: str, names: Sequence[str] = CATEGORY_NAMES,
+def match_answer(text: str, names: Sequence[str],
                  cutoff: float = MATCH_CUTOFF) -> tuple[int | None, str, float]:
     """Map a generated answer to a label: (label or None, "exact" | "closest" | "unmatched", similarity 0..1).
 

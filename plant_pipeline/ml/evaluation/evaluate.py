@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data.categories import CategoryMap, oxford_map
 from plant_pipeline.ml.evaluation.answers import generate_answers, match_answer
 from plant_pipeline.ml.evaluation.scoring import (
     NORMALIZE,
@@ -29,7 +29,11 @@ from plant_pipeline.ml.shards.prompts import PromptEncoder
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("rank", "generate")
+METHODS = ("auto", "rank", "prune", "generate")
+# "auto" ranks every name up to RANK_ALL_UP_TO names; beyond, it prunes to the names under the PRUNE_KEEP likeliest
+# first tokens: full ranking's cost grows with the names' total tokens, the pruned one's mostly with K.
+RANK_ALL_UP_TO = 2000
+PRUNE_KEEP = 64
 SCORERS = ("shared", "naive")
 # score: the best candidate's (normalised) log-likelihood for "rank", the answer's similarity to the matched name
 # (1.0 exact) for "generate"; top5 (labels, best first) only for "rank"; answer_text only for "generate";
@@ -49,6 +53,29 @@ class EvalResult:
     num_images: int
     seconds: float
     images_per_second: float
+    num_categories: int = 0
+    method_reason: str = ""
+
+
+def read_shard_categories(shards_dir: str | Path) -> CategoryMap:
+    """The categories recorded in the shards' index; Oxford's for an index written before categories were data.
+
+    A stand-in until plant_pipeline.ml.shards exports read_categories.
+    """
+    data = read_index(shards_dir).get("categories")
+    if data is None:
+        return oxford_map()
+    return CategoryMap.from_json(data, where=str(Path(shards_dir) / "index.json"))
+
+
+def choose_method(method: str, num_names: int) -> tuple[str, str]:
+    """(the method to run, why): "auto" ranks all names up to RANK_ALL_UP_TO, prunes beyond."""
+    if method != "auto":
+        return method, f"{method} as configured"
+    if num_names <= RANK_ALL_UP_TO:
+        return "rank", f"auto: rank all {num_names} names (<= {RANK_ALL_UP_TO})"
+    return "prune", (f"auto: {num_names} names > {RANK_ALL_UP_TO}; rank the names under the {PRUNE_KEEP} likeliest "
+                     "first tokens per image batch")
 
 
 def _iter_batches(urls: list[str], batch_size: int, max_samples: int | None):
@@ -74,8 +101,9 @@ def evaluate_shards(
     shards_dir: str | Path,
     *,
     split: str = "test",
-    method: str = "rank",
-    names: Sequence[str] = CATEGORY_NAMES,
+    method: str = "auto",
+    categories: CategoryMap | None = None,
+    names: Sequence[str] | None = None,
     batch_size: int = 8,
     normalize: str = "mean",
     max_samples: int | None = None,
@@ -84,12 +112,16 @@ def evaluate_shards(
     candidate_batch: int = 128,
     layout: str = "auto",
     max_new_tokens: int = 16,
+    keep_first_tokens: int = PRUNE_KEEP,
 ) -> EvalResult:
     """Predict a label for every image of one split, streaming its shards in batches on ``model.device``.
 
-    method "rank" scores all ``names`` as answers and takes the best (``scorer="naive"`` is the slow reference,
-    for checks and benchmarks; ``candidate_batch`` and ``layout`` go to score_candidates_shared_prefix);
-    "generate" answers greedily and maps the text to a name with match_answer.
+    ``categories`` (default: those in the shards' index) give the names and the question; ``names`` overrides the
+    names only. Method "rank" scores all names as answers and takes the best (``scorer="naive"`` is the slow
+    reference, for checks and benchmarks; ``candidate_batch`` and ``layout`` go to score_candidates_shared_prefix);
+    "prune" ranks only the names under the ``keep_first_tokens`` likeliest first tokens (see
+    score_candidates_shared_prefix for when that can differ from "rank"); "generate" answers greedily and maps the
+    text to a name with match_answer; "auto" picks rank or prune by the number of names (choose_method).
     """
     if method not in METHODS:
         raise EvaluationError(f"method must be one of {METHODS}; got {method!r}")
@@ -99,7 +131,11 @@ def evaluate_shards(
         raise EvaluationError(f"scorer must be one of {SCORERS}; got {scorer!r}")
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1; got {batch_size}")
-    names = tuple(names)
+    if categories is None:
+        categories = read_shard_categories(shards_dir)
+    names = tuple(categories.names if names is None else names)
+    method, reason = choose_method(method, len(names))
+    prune = keep_first_tokens if method == "prune" else None
     paths = split_shard_paths(shards_dir, split)
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -109,9 +145,9 @@ def evaluate_shards(
     if max_samples is not None:
         total = min(total, max_samples)
 
-    encoder = PromptEncoder(processor)
+    encoder = PromptEncoder(processor, question=categories.question)
     normalizer = PixelNormalizer.from_processor(processor.image_processor)
-    candidates = CandidateSet.from_encoder(encoder, names) if method == "rank" else None
+    candidates = CandidateSet.from_encoder(encoder, names) if method != "generate" else None
     encoded = candidates.encoded() if candidates is not None and scorer == "naive" else None
     was_training = model.training
     model.eval()
@@ -125,9 +161,9 @@ def evaluate_shards(
                         raise EvaluationError(f"sample {sample.key!r} has label {sample.meta['label']}, outside the "
                                               f"{len(names)} names being scored")
                 pixel_values = normalizer(torch.from_numpy(np.stack([s.pixels for s in batch])))
-                if method == "rank":
+                if method != "generate":
                     rows.extend(_rank_rows(model, batch, pixel_values, candidates, encoded, normalize,
-                                           candidate_batch, layout))
+                                           candidate_batch, layout, prune))
                 else:
                     answers = generate_answers(model, processor, pixel_values, encoder.prompt_ids, max_new_tokens)
                     rows.extend(_generate_rows(batch, answers, names))
@@ -141,24 +177,28 @@ def evaluate_shards(
     predictions = _predictions_frame(rows)
     logger.info("%s on %d %s images: %.1f images/s", method, len(rows), split, len(rows) / seconds)
     return EvalResult(predictions=predictions, method=method, normalize=normalize, split=split, num_images=len(rows),
-                      seconds=seconds, images_per_second=len(rows) / seconds)
+                      seconds=seconds, images_per_second=len(rows) / seconds, num_categories=len(names),
+                      method_reason=reason)
 
 
 def _rank_rows(model, batch, pixel_values, candidates: CandidateSet, encoded, normalize, candidate_batch,
-               layout) -> list[dict]:
+               layout, keep_first_tokens=None) -> list[dict]:
     if encoded is not None:
         loglik, num_tokens = score_candidates_naive(model, pixel_values, encoded)
     else:
         loglik, num_tokens = score_candidates_shared_prefix(
             model, pixel_values, candidates.prefix_ids, candidates.continuations,
-            answer_start=candidates.answer_start, candidate_batch=candidate_batch, layout=layout)
+            answer_start=candidates.answer_start, candidate_batch=candidate_batch, layout=layout,
+            keep_first_tokens=keep_first_tokens)
     scores = normalize_scores(loglik, num_tokens, normalize)
     top = scores.topk(min(5, scores.shape[1]), dim=1)
     rows = []
     for i, sample in enumerate(batch):
         best = int(top.indices[i, 0])
         rows.append(_row(sample, best, candidates.names[best], float(top.values[i, 0]),
-                         [int(x) for x in top.indices[i]], None, "rank", candidates.names))
+                         # Pruned candidates score -inf: they are no answer, so they are not in the top 5.
+                         [int(c) for c, v in zip(top.indices[i], top.values[i]) if torch.isfinite(v)], None, "rank",
+                         candidates.names))
     return rows
 
 
@@ -173,7 +213,7 @@ def _generate_rows(batch, answers: list[str], names: tuple[str, ...]) -> list[di
 def _row(sample, predicted, predicted_name, score, top5, answer_text, match, names) -> dict:
     label = int(sample.meta["label"])
     return {"image_id": int(sample.meta["image_id"]), "key": sample.key, "label": label,
-            "name": sample.meta.get("name", names[label]), "predicted_label": predicted,
+            "name": names[label], "predicted_label": predicted,
             "predicted_name": predicted_name, "correct": predicted is not None and predicted == label,
             "score": score, "top5": top5, "answer_text": answer_text, "match": match}
 

@@ -79,8 +79,13 @@ def summary_metrics(predictions: pd.DataFrame, names: Sequence[str]) -> dict:
     return summary
 
 
-def confusion_matrix(predictions: pd.DataFrame, num_classes: int) -> np.ndarray:
-    """int64 [C, C], rows the true class, columns the predicted one; unmatched answers appear in no column."""
+# A dense matrix beyond this many classes is neither readable nor small (10,000 classes: 800 MB of int64).
+DENSE_CONFUSION_LIMIT = 2000
+
+
+def confusion_counts(predictions: pd.DataFrame, num_classes: int) -> pd.DataFrame:
+    """The non-zero cells of the confusion matrix: columns label, predicted_label, count (int64), by label then
+    predicted label; memory grows with the images, not with num_classes squared. Unmatched answers are left out."""
     _check_columns(predictions, ("label", "predicted_label"))
     matched = predictions["predicted_label"].notna()
     true = predictions.loc[matched, "label"].to_numpy(dtype=np.int64)
@@ -88,9 +93,40 @@ def confusion_matrix(predictions: pd.DataFrame, num_classes: int) -> np.ndarray:
     for what, values in (("label", true), ("predicted_label", pred)):
         if len(values) and (values.min() < 0 or values.max() >= num_classes):
             raise ValueError(f"{what} values span {values.min()}..{values.max()}; expected 0..{num_classes - 1}")
+    cells, counts = np.unique(true * num_classes + pred, return_counts=True)
+    return pd.DataFrame({"label": cells // num_classes, "predicted_label": cells % num_classes,
+                         "count": counts.astype(np.int64)})
+
+
+def confusion_matrix(predictions: pd.DataFrame, num_classes: int) -> np.ndarray:
+    """int64 [C, C], rows the true class, columns the predicted one; unmatched answers appear in no column.
+
+    Refuses more than DENSE_CONFUSION_LIMIT classes: use confusion_counts or most_confused_pairs then.
+    """
+    if num_classes > DENSE_CONFUSION_LIMIT:
+        raise ValueError(f"a dense confusion matrix of {num_classes} classes is too large (limit "
+                         f"{DENSE_CONFUSION_LIMIT}); use confusion_counts or most_confused_pairs")
+    cells = confusion_counts(predictions, num_classes)
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (true, pred), 1)
+    matrix[cells["label"].to_numpy(), cells["predicted_label"].to_numpy()] = cells["count"].to_numpy()
     return matrix
+
+
+def most_confused_pairs(predictions: pd.DataFrame, names: Sequence[str], top: int = 30) -> pd.DataFrame:
+    """The ``top`` largest off-diagonal cells, counted sparsely: columns label, name, predicted_label,
+    predicted_name, count, share (of the true class's test images); largest count first, ties by label ids."""
+    cells = confusion_counts(predictions, len(names))
+    totals = predictions["label"].value_counts()
+    wrong = cells.loc[cells["label"] != cells["predicted_label"]]
+    wrong = wrong.sort_values(["count", "label", "predicted_label"], ascending=[False, True, True]).head(top)
+    return pd.DataFrame({
+        "label": wrong["label"].to_numpy(dtype=np.int64),
+        "name": [names[i] for i in wrong["label"]],
+        "predicted_label": wrong["predicted_label"].to_numpy(dtype=np.int64),
+        "predicted_name": [names[i] for i in wrong["predicted_label"]],
+        "count": wrong["count"].to_numpy(dtype=np.int64),
+        "share": (wrong["count"] / totals.reindex(wrong["label"]).to_numpy()).to_numpy(dtype=np.float64),
+    })
 
 
 def compare(current_summary: Mapping, current_per_class: pd.DataFrame,

@@ -105,3 +105,75 @@ def plot_per_class_accuracy(table: pd.DataFrame, path: str | os.PathLike | None 
     if path is not None:
         atomic_write_bytes(Path(path), data)
     return data
+
+
+# Beyond this many classes a full matrix or one bar per class is unreadable: show the worst and a distribution.
+FULL_FIGURES_UP_TO = 150
+WORST_SHOWN = 30
+
+
+def plot_confused_pairs(pairs: pd.DataFrame, path: str | os.PathLike | None = None,
+                        *, title: str = "Most confused pairs (test split)") -> bytes:
+    """Horizontal bars of most_confused_pairs' counts, labelled "true -> predicted", the largest at the top."""
+    plt = _pyplot()
+    num = len(pairs)
+    figure, axis = plt.subplots(figsize=(10, max(3.0, 0.25 * num + 1.5)), layout="constrained")
+    if num:
+        labels = [f"{t} ({ti}) -> {p} ({pi})" for t, ti, p, pi in
+                  zip(pairs["name"], pairs["label"], pairs["predicted_name"], pairs["predicted_label"])]
+        axis.barh(range(num), pairs["count"].to_numpy(), color="tab:red")
+        axis.set_yticks(range(num))
+        axis.set_yticklabels(labels, fontsize=7)
+        axis.invert_yaxis()
+    else:
+        axis.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=axis.transAxes)
+    axis.set_xlabel("test images of the true class predicted as the other")
+    axis.set_title(title)
+    data = _figure_bytes(figure)
+    if path is not None:
+        atomic_write_bytes(Path(path), data)
+    return data
+
+
+def plot_accuracy_overview(table: pd.DataFrame, path: str | os.PathLike | None = None,
+                           *, title: str = "Per-class accuracy (test split)") -> bytes:
+    """For many classes: bars of the WORST_SHOWN worst classes beside a histogram of every class's accuracy."""
+    plt = _pyplot()
+    scored = table.loc[table["test_images"] > 0].sort_values(["accuracy", "category_id"], kind="stable")
+    if scored.empty:
+        raise ValueError("per-class table has no class with test images; nothing to plot")
+    worst = scored.head(WORST_SHOWN)
+    figure, (bars, hist) = plt.subplots(1, 2, figsize=(14, 7), layout="constrained", width_ratios=(3, 2))
+    accuracy = worst["accuracy"].to_numpy()
+    bars.barh(range(len(worst)), accuracy, color=plt.get_cmap("RdYlGn")(accuracy))
+    bars.set_yticks(range(len(worst)))
+    bars.set_yticklabels([f"{n} ({i})" for n, i in zip(worst["name"], worst["category_id"])], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 1.02)
+    bars.set_xlabel("accuracy")
+    bars.set_title(f"worst {len(worst)} of {len(scored)} classes")
+    hist.hist(scored["accuracy"].to_numpy(), bins=20, range=(0, 1), color="tab:blue")
+    hist.set_xlabel("accuracy")
+    hist.set_ylabel("classes")
+    macro = float(scored["accuracy"].mean())
+    hist.axvline(macro, color="black", linestyle="--", linewidth=0.8, label=f"macro accuracy {macro:.3f}")
+    hist.legend(loc="upper left", fontsize=8)
+    omitted = len(table) - len(scored)
+    hist.set_title("all classes" + (f" ({omitted} without test images omitted)" if omitted else ""))
+    figure.suptitle(title)
+    data = _figure_bytes(figure)
+    if path is not None:
+        atomic_write_bytes(Path(path), data)
+    return data
+
+
+def evaluation_figures(predictions: pd.DataFrame, table: pd.DataFrame, names: Sequence[str]) -> dict[str, bytes]:
+    """PNG file name -> bytes: the full confusion matrix and one bar per class up to FULL_FIGURES_UP_TO classes;
+    beyond, the most confused pairs and the worst classes with a histogram, so pictures stay readable and small."""
+    from plant_pipeline.ml.evaluation.metrics import confusion_matrix, most_confused_pairs
+
+    if len(names) <= FULL_FIGURES_UP_TO:
+        return {"confusion_matrix.png": plot_confusion_matrix(confusion_matrix(predictions, len(names)), names),
+                "per_class_accuracy.png": plot_per_class_accuracy(table)}
+    return {"confused_pairs.png": plot_confused_pairs(most_confused_pairs(predictions, names, WORST_SHOWN)),
+            "per_class_accuracy.png": plot_accuracy_overview(table)}

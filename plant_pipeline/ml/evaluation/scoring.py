@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.shards.format import IGNORE_INDEX
 from plant_pipeline.ml.shards.prompts import PromptEncoder, common_prefix_length
@@ -48,7 +47,7 @@ class CandidateSet:
     answer_start: np.ndarray  # int64 [C]
 
     @classmethod
-    def from_encoder(cls, encoder: PromptEncoder, names: Sequence[str] = CATEGORY_NAMES) -> CandidateSet:
+    def from_encoder(cls, encoder: PromptEncoder, names: Sequence[str]) -> CandidateSet:
         encoded = encoder.encode_categories(names)
         full = [ids.astype(np.int64) for ids, _ in encoded]
         starts = np.array([int(np.argmax(labels != IGNORE_INDEX)) for _, labels in encoded], dtype=np.int64)
@@ -216,6 +215,7 @@ def score_candidates_shared_prefix(
     answer_start: int | Sequence[int] | np.ndarray | None = None,
     candidate_batch: int = 128,
     layout: str = "auto",
+    keep_first_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-likelihood of every candidate continuation for every image, sharing one prefix forward per batch.
 
@@ -227,8 +227,16 @@ def score_candidates_shared_prefix(
     ``layout``: "packed" (candidates end to end under a block-diagonal mask; sdpa/eager attention), "expanded"
     (the cache copied for each image x candidate row, right-padded; any attention, but a forward then holds
     B x candidate_batch copies of the prefix's keys and values) or "auto" (packed where the attention allows).
+    ``keep_first_tokens`` K prunes by a first-token trie: only candidates whose first continuation token is among
+    the K likeliest distinct first tokens (for any image of the batch) are scored further, the others get -inf.
+    Pruning returns the same best candidate as full ranking whenever that candidate's first token is in the top K;
+    it can differ when the best answer starts with an unlikely token that its later tokens make up for (more so
+    under "mean" normalisation, which rewards long names with confident tails).
+    Memory: the [B, C] score matrix plus one forward of ``candidate_batch`` candidates, whatever C is.
     Returns (loglik float32 [B, C] on the CPU, num_tokens int64 [C]).
     """
+    if keep_first_tokens is not None and keep_first_tokens < 1:
+        raise EvaluationError(f"keep_first_tokens must be >= 1 or None; got {keep_first_tokens}")
     if candidate_batch < 1:
         raise EvaluationError(f"candidate_batch must be >= 1; got {candidate_batch}")
     if not candidates or any(len(c) == 0 for c in candidates):
@@ -264,6 +272,14 @@ def score_candidates_shared_prefix(
     scores += last.gather(1, first_tokens.expand(num_images, -1)) - torch.logsumexp(last, -1, keepdim=True)
 
     longer = [c for c in range(num_candidates) if len(candidates[c]) > 1]
+    if keep_first_tokens is not None:
+        distinct = torch.unique(first_tokens)
+        if keep_first_tokens < len(distinct):
+            first_lp = last[:, distinct]  # [B, distinct first tokens]: one column per trie branch
+            top = first_lp.topk(keep_first_tokens, dim=1).indices.flatten().unique()
+            kept = torch.isin(first_tokens, distinct[top]).cpu().numpy()
+            scores[:, torch.as_tensor(~kept, device=device)] = float("-inf")
+            longer = [c for c in longer if kept[c]]
     if longer:
         state = _Prefix(model, _cache_layers(_output_cache(out)), prefix_len, _cache_kwarg(model))
         del out, prefix_logits
