@@ -53,23 +53,22 @@ def find_data(arg: str | None) -> Path:
 
 def score(model, processor, shards_dir: Path, batch_size: int, max_samples: int | None, label: str):
     """Rank evaluation of the test split, as the model_evaluation asset does it."""
-    from plant_pipeline.ml.data import CATEGORY_NAMES
-    from plant_pipeline.ml.evaluation import evaluate_shards, summary_metrics
+    from plant_pipeline.ml.evaluation import evaluate_shards, read_shard_categories, summary_metrics
 
     def progress(done: int, total: int | None) -> None:
         if done == total or done % (batch_size * 16) == 0:
             log(f"{label}: {done}/{total} test images scored")
 
-    result = evaluate_shards(model, processor, shards_dir, split="test", method="rank", batch_size=batch_size,
-                             max_samples=max_samples, progress=progress)
-    return result, summary_metrics(result.predictions, CATEGORY_NAMES)
+    categories = read_shard_categories(shards_dir)
+    result = evaluate_shards(model, processor, shards_dir, split="test", method="rank", categories=categories,
+                             batch_size=batch_size, max_samples=max_samples, progress=progress)
+    return result, summary_metrics(result.predictions, categories.names)
 
 
 def run(args: argparse.Namespace, data: Path, work: Path) -> dict:
     import torch
 
     from plant_pipeline.ml.data import (
-        NUM_CLASSES,
         build_manifest,
         fetch_release,
         parse_md5sums,
@@ -136,7 +135,7 @@ def run(args: argparse.Namespace, data: Path, work: Path) -> dict:
                             "base")
     del base_model
 
-    chance = 1.0 / NUM_CLASSES
+    chance = 1.0 / tuned.num_categories
     return {
         "counts": counts, "shards": shards, "trained": trained, "tuned": tuned, "tuned_summary": tuned_summary,
         "base_summary": base_summary, "chance": chance, "prepare_seconds": prepare_seconds,
