@@ -21,12 +21,16 @@ from dagster import (
     sensor,
 )
 
+from plant_pipeline.defs.assets.user_photos import current_categories
 from plant_pipeline.defs.automation import USER_PHOTO_ASSETS, add_user_photos_job
 from plant_pipeline.defs.resources import PipelineStorage
 from plant_pipeline.ml.data import DEFAULT_SETTLE_S, Skipped, scan_incoming
+from plant_pipeline.ml.data.incoming import new_category_folders
 
 INTERVAL_SECONDS = 60
 _LISTED = 10  # files named in a skip reason; the count says how many there were
+NEW_CATEGORIES_TAG = "plant_pipeline/new_categories"
+_TAG_CHARS = 200  # tag values are meant to be short: the list is cut, with the count
 _IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
               DagsterRunStatus.STARTED]
 
@@ -41,6 +45,15 @@ def new_photos_run_key(files: list[tuple[str, int, int]]) -> str:
     return "user-photos-" + _digest("\n".join(f"{path}\0{size}\0{mtime_ns}" for path, size, mtime_ns in sorted(files)))
 
 
+def new_categories_text(names: list[str], limit: int = _TAG_CHARS) -> str:
+    """The new categories' names, comma-separated, cut to ``limit`` characters with how many there are in all."""
+    text = ", ".join(names)
+    if len(text) <= limit:
+        return text
+    suffix = f"... ({len(names)} in all)"
+    return text[: limit - len(suffix)].rstrip(", ") + suffix
+
+
 def _listing(skipped: list[Skipped]) -> str:
     shown = "; ".join(f"{s.original}: {s.reason}" for s in skipped[:_LISTED])
     return shown + (f"; and {len(skipped) - _LISTED} more" if len(skipped) > _LISTED else "")
@@ -52,12 +65,15 @@ def _listing(skipped: list[Skipped]) -> str:
     default_status=DefaultSensorStatus.STOPPED,
     description="Watches data/incoming/<category name or 0-based id>/ for files no run has looked at yet (by "
     "path, size and mtime; it opens none) and launches add_user_photos for them (only user_photos until "
-    "flower_shards exists), which hashes and decodes them. Files still being written wait; unknown categories, "
+    "flower_shards exists), which hashes and decodes them. Folders that name no category, where the source "
+    "allows new ones, are named in the run's tag plant_pipeline/new_categories and the log. Files still being written wait; unknown categories, "
     "symlinks, files over the size limit and files a run found undecodable or conflicting are left in place "
     "and named in the skip reason and the log.",
 )
 def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineStorage) -> SensorResult:
-    scan = scan_incoming(storage.path())  # lists; opens no file under incoming/
+    categories = current_categories(storage)
+    scan = scan_incoming(storage.path(), categories=categories)  # lists; opens no file under incoming/
+    new_categories = new_category_folders(storage.path(), categories)
     problems = [[s.original, s.reason] for s in scan.rejected]
     # The cursor remembers which problems were logged, so a file left in place is warned about once, not every tick.
     cursor = json.dumps({"rejected": len(problems), "digest": _digest(json.dumps(problems))})
@@ -75,6 +91,8 @@ def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineSt
                        f"{DEFAULT_SETTLE_S:g} s), looked at on a later tick: {names}{more}")
         if scan.rejected:
             reason += f"; {len(scan.rejected)} files left in place: {_listing(scan.rejected)}"
+        if new_categories:
+            reason += f"; folders that would create new categories: {new_categories_text(new_categories)}"
         return SensorResult(skip_reason=SkipReason(reason), cursor=cursor)
 
     # One intake at a time: a drop still being copied in then makes one more run when this one ends, not one
@@ -89,11 +107,13 @@ def incoming_photos_sensor(context: SensorEvaluationContext, storage: PipelineSt
     shards_built = context.instance.get_latest_materialization_event(AssetKey("flower_shards")) is not None
     # Before the first prepare_data there are no shards to add the photos to: take them in now, shard them then.
     selection = USER_PHOTO_ASSETS if shards_built else ["user_photos"]
+    tags = {"plant_pipeline/new_photos": str(len(files))}
+    news = ""
+    if new_categories:  # named here; the run creates each that has enough photos (user_photos' min_new_photos)
+        tags[NEW_CATEGORIES_TAG] = new_categories_text(new_categories)
+        news = f"; new categories: {new_categories_text(new_categories, 1000)}"
     context.log.info(f"{len(files)} new files to take in ({len(scan.rejected)} left in place, {len(scan.waiting)} "
-                     f"still being written): materialising {', '.join(selection)}")
-    request = RunRequest(
-        run_key=new_photos_run_key(files),
-        asset_selection=[AssetKey(name) for name in selection],
-        tags={"plant_pipeline/new_photos": str(len(files))},
-    )
+                     f"still being written{news}): materialising {', '.join(selection)}")
+    request = RunRequest(run_key=new_photos_run_key(files), asset_selection=[AssetKey(name) for name in selection],
+                         tags=tags)
     return SensorResult(run_requests=[request], cursor=cursor)

@@ -17,7 +17,18 @@ from pydantic import Field
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import table
 from plant_pipeline.defs.resources import PipelineStorage
-from plant_pipeline.ml.data import DEFAULT_MAX_BYTES, DEFAULT_SETTLE_S, IngestResult, intake, user_manifest
+from plant_pipeline.ml.data import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_SETTLE_S,
+    CategoryMap,
+    IngestResult,
+    intake,
+    oxford_map,
+    read_category_map,
+    user_manifest,
+    write_category_map,
+)
+from plant_pipeline.ml.data.incoming import DEFAULT_MIN_NEW_PHOTOS
 from plant_pipeline.ml.files import sha256_file
 
 _LISTED = 50  # rows of the metadata tables; the counts say how many there were
@@ -26,8 +37,15 @@ _LISTED = 50  # rows of the metadata tables; the counts say how many there were
 class UserPhotosConfig(Config):
     split: str = Field(
         default="train",
-        description="The split photos taken in by this run join: train (the default), validation or test. "
-        "Photos taken in earlier keep theirs.",
+        description="The split photos of existing categories taken in by this run join: train (the default), "
+        "validation or test. Photos of a category created by this run are split by their content hash instead "
+        "(80/10/10), so a new category gets validation and test photos too. Photos taken in earlier keep theirs.",
+    )
+    min_new_photos: int = Field(
+        default=DEFAULT_MIN_NEW_PHOTOS,
+        ge=1,
+        description="A folder under incoming/ that names no category creates one (when the source allows new "
+        "categories) once it holds at least this many valid photos; until then its photos wait in place.",
     )
     max_photo_mb: float = Field(
         default=DEFAULT_MAX_BYTES / 1e6,
@@ -47,7 +65,8 @@ class UserPhotosConfig(Config):
     group_name="data",
     code_version="1",
     kinds={"python", "parquet"},
-    description="Photos from data/incoming/<category name or 0-based id>/ (subfolders too): decoded, taken in "
+    description="Photos from data/incoming/<category name or 0-based id>/ (subfolders too; a new folder name "
+    "creates a category where the source allows it, written to category_map.json): decoded, taken in "
     "once each by sha256, copied to data/user_photos/ with a manifest (source 'user') and, last, a ledger. "
     "Unknown categories, symlinks, oversized, undecodable and conflicting files are reported and left in place; "
     "files still being written wait.",
@@ -58,12 +77,24 @@ def user_photos(
 ) -> MaterializeResult:
     storage.incoming_dir.mkdir(parents=True, exist_ok=True)  # so that people see where photos go
     max_bytes = int(config.max_photo_mb * 1e6)
-    with intake(storage.path(), config.split, max_bytes=max_bytes, settle_s=config.settle_seconds) as result:
-        # Everything that can fail runs inside the block: the ledger is written only when it ends cleanly.
+    categories = current_categories(storage)
+    with intake(storage.path(), config.split, categories=categories, min_new_photos=config.min_new_photos,
+                max_bytes=max_bytes, settle_s=config.settle_seconds) as result:
+        # Everything that can fail runs inside the block: the ledger is written only when it ends cleanly, and
+        # the map with the new categories before it, so that no ledger names a category the map lacks.
         metadata = _report(context, storage, result)
+        if result.new_categories:
+            write_category_map(storage.category_map_path, result.categories)
+            context.log.info(f"{len(result.new_categories)} new categories: {', '.join(result.new_categories)}")
     context.log.info(f"{len(result.added)} new photos taken in; {len(result.photos)} user photos in all")
     # The manifest's hash: flower_shards goes stale only when the set of user photos really changed.
     return MaterializeResult(metadata=metadata, data_version=DataVersion(sha256_file(result.manifest_path)[:16]))
+
+
+def current_categories(storage: PipelineStorage) -> CategoryMap:
+    """The data's categories (category_map.json), or Oxford's before category_map first ran."""
+    path = storage.category_map_path
+    return read_category_map(path) if path.is_file() else oxford_map()
 
 
 def _report(context: AssetExecutionContext, storage: PipelineStorage, result: IngestResult) -> dict:
@@ -84,6 +115,8 @@ def _report(context: AssetExecutionContext, storage: PipelineStorage, result: In
         "num_photos": len(result.photos),
         "photos_per_split": MetadataValue.json(manifest["split"].value_counts().to_dict()),
         "num_classes": int(manifest["label"].nunique()),
+        "new_categories": MetadataValue.json(result.new_categories),
+        "num_categories": len(result.categories),
         "incoming_dir": MetadataValue.path(str(storage.incoming_dir)),
         "ledger_path": MetadataValue.path(str(result.ledger_path)),
         "manifest_path": MetadataValue.path(str(result.manifest_path)),

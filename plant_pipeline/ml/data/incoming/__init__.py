@@ -1,4 +1,5 @@
-"""Photos users drop into ``<data>/incoming/<category>/`` (subfolders too): validated, and taken in once each by
+"""Photos users drop into ``<data>/incoming/<category>/`` (subfolders too; a folder that names no category
+creates one when the category map allows new categories): validated, and taken in once each by
 content hash.
 
 A taken-in photo is copied (never moved) to ``<data>/user_photos/<sha256>.<ext>`` and recorded in the ledger
@@ -19,19 +20,29 @@ from plant_pipeline.ml.data.incoming.ledger import (
     manifest_path,
     read_ledger,
     read_user_manifest,
+    relabelled_manifest,
     user_manifest,
 )
-from plant_pipeline.ml.data.incoming.listing import INCOMING_DIR, Skipped, UnknownCategoryError, category_label
+from plant_pipeline.ml.data.incoming.listing import (
+    INCOMING_DIR,
+    NEW_LABEL,
+    Skipped,
+    UnknownCategoryError,
+    category_label,
+    new_category_folders,
+)
 from plant_pipeline.ml.data.incoming.reading import check_image
 from plant_pipeline.ml.data.incoming.scanning import DEFAULT_MAX_BYTES, DEFAULT_SETTLE_S, Scan, scan_incoming
-from plant_pipeline.ml.data.incoming.store import IngestResult, ingest, intake
+from plant_pipeline.ml.data.incoming.store import DEFAULT_MIN_NEW_PHOTOS, IngestResult, ingest, intake
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MIN_NEW_PHOTOS",
     "DEFAULT_SETTLE_S",
     "INCOMING_DIR",
     "IncomingError",
     "IngestResult",
+    "NEW_LABEL",
     "Scan",
     "Skipped",
     "UnknownCategoryError",
@@ -41,8 +52,10 @@ __all__ = [
     "intake",
     "ledger_path",
     "manifest_path",
+    "new_category_folders",
     "read_ledger",
     "read_user_manifest",
+    "relabelled_manifest",
     "scan_incoming",
     "user_manifest",
 ]

@@ -4,12 +4,14 @@ the files that were not) and the manifest rewritten from it."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pandas as pd
 
+from plant_pipeline.ml.data.categories import CATEGORY_NAMES, CategoryMap
 from plant_pipeline.ml.data.manifest import MANIFEST_COLUMNS, read_manifest
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import atomic_write_json
@@ -19,9 +21,13 @@ STORE_DIR = "user_photos"
 LEDGER_FILE = "ledger.json"
 MANIFEST_FILE = "manifest.parquet"
 # 2 added "seen": the outcome of files not taken in, by path, size and mtime (version 1 ledgers still read).
-LEDGER_FORMAT_VERSION = 2
+# 3: labels are ids of the data's category map (category_map.json), no longer always Oxford's; "name" is the
+# category's name, by which readers relabel. Versions 1 and 2 (Oxford's ids and names) still read.
+LEDGER_FORMAT_VERSION = 3
 # User photos are numbered from here, far above the release's 1..8189, so image_id stays unique in one manifest.
 IMAGE_ID_BASE = 1_000_000
+
+logger = logging.getLogger(__name__)
 
 
 class IncomingError(UsageError):
@@ -74,7 +80,41 @@ def user_manifest(photos: list[dict[str, Any]]) -> pd.DataFrame:
     }, columns=list(MANIFEST_COLUMNS))
 
 
-def read_user_manifest(data_root: Path) -> pd.DataFrame:
-    """The user photos' manifest (no rows before the user_photos asset first ran)."""
+def photo_name(photo: dict[str, Any]) -> str:
+    """A ledger record's category name (records of the first ledgers may lack it: their labels are Oxford's)."""
+    return photo["name"] if "name" in photo else CATEGORY_NAMES[int(photo["label"])]
+
+
+def relabelled_manifest(photos: list[dict[str, Any]], categories: CategoryMap) -> tuple[pd.DataFrame, list[str]]:
+    """The ledger's photos as manifest rows labelled BY NAME with ``categories``' ids, and the names (sorted,
+    once each) of the photos left out because ``categories`` lacks them."""
+    kept, left_out = [], set()
+    for photo in photos:
+        category_id = categories.id_of(photo_name(photo))
+        if category_id is None:
+            left_out.add(photo_name(photo))
+        else:
+            kept.append({**photo, "label": category_id})
+    return user_manifest(kept), sorted(left_out)
+
+
+@overload
+def read_user_manifest(data_root: Path) -> pd.DataFrame: ...
+@overload
+def read_user_manifest(data_root: Path, categories: CategoryMap) -> tuple[pd.DataFrame, list[str]]: ...
+
+
+def read_user_manifest(data_root: Path, categories: CategoryMap | None = None):
+    """The user photos' manifest (no rows before the user_photos asset first ran).
+
+    With ``categories``: (the manifest labelled by name with its ids, from the ledger; the names of the photos'
+    categories it lacks, whose photos are left out), as relabelled_manifest; the left-out names are logged too.
+    """
+    if categories is not None:
+        manifest, left_out = relabelled_manifest(read_ledger(data_root), categories)
+        if left_out:
+            logger.warning("%d user photo categories are not in the category map of source %r and are left out: %s",
+                           len(left_out), categories.source, ", ".join(repr(n) for n in left_out[:20]))
+        return manifest, left_out
     path = manifest_path(data_root)
     return read_manifest(path) if path.is_file() else user_manifest([])

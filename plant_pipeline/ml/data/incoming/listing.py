@@ -9,42 +9,39 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data.categories import CategoryMap, oxford_map
 from plant_pipeline.ml.errors import UsageError
 
 INCOMING_DIR = "incoming"
+# A folder that names no category but may create one (CategoryMap.allow_new) is listed with this label.
+NEW_LABEL = -1
 
 
 class UnknownCategoryError(UsageError):
     """A folder under incoming/ names no category."""
 
 
-def _normalise(name: str) -> str:
-    return re.sub(r"[\s_-]+", " ", name.casefold()).strip()
-
-
-_LABEL_BY_NAME = {_normalise(name): label for label, name in enumerate(CATEGORY_NAMES)}
-
-
-def category_label(folder: str) -> int:
-    """The 0-based label a folder under incoming/ stands for.
+def category_label(folder: str, categories: CategoryMap | None = None) -> int:
+    """The 0-based id a folder under incoming/ stands for in ``categories`` (Oxford's when None).
 
     A category name (case, spaces, underscores and hyphens do not matter: ``Sweet_Pea``, ``sweet pea``) or
-    the manifest's 0-based label as digits (``3`` is sweet pea, as in category_map.json).
+    the 0-based id as digits (``3`` is sweet pea for Oxford, as in category_map.json).
     """
+    categories = categories or oxford_map()
+    names, last = categories.names, len(categories) - 1
     if re.fullmatch(r"[0-9]+", folder.strip()):
         label = int(folder)
-        if label < len(CATEGORY_NAMES):
+        if label <= last:
             return label
         raise UnknownCategoryError(
-            f"category id {label} is outside 0..{len(CATEGORY_NAMES) - 1} (ids are the manifest's 0-based labels, "
-            f"as in category_map.json: 0 is {CATEGORY_NAMES[0]!r}, {len(CATEGORY_NAMES) - 1} is {CATEGORY_NAMES[-1]!r})"
+            f"category id {label} is outside 0..{last} (ids are the manifest's 0-based labels, "
+            f"as in category_map.json: 0 is {names[0]!r}, {last} is {names[-1]!r})"
         )
-    label = _LABEL_BY_NAME.get(_normalise(folder))
+    label = categories.id_of(folder)
     if label is None:
         raise UnknownCategoryError(
-            f"unknown category {folder!r}: not one of the {len(CATEGORY_NAMES)} names in categories.py nor an id "
-            f"0..{len(CATEGORY_NAMES) - 1}; rename the folder"
+            f"unknown category {folder!r}: not one of the {len(names)} categories of source {categories.source!r} "
+            f"(category_map.json) nor an id 0..{last}; rename the folder, or use a source that allows new categories"
         )
     return label
 
@@ -63,9 +60,10 @@ class Listed:
 
     original: str  # relative to the data root, through display_name, e.g. "incoming/rose/trip/IMG_0001.jpg"
     path: Path
-    label: int
+    label: int  # the category's id, or NEW_LABEL for a folder that creates a category
     size: int
     mtime_ns: int
+    name: str = ""  # the category's name: the map's, or the folder's for a new category
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -119,10 +117,32 @@ def _walk(folder: str, rel: str, refused: list[Skipped]) -> Iterator[tuple[os.Di
         stack.extend(reversed(folders))
 
 
-def list_incoming(data_root: Path) -> tuple[list[Listed], list[Skipped]]:
+def new_category_folders(data_root: Path, categories: CategoryMap) -> list[str]:
+    """The folders under incoming/ that would create a category (none unless ``categories.allow_new``). One
+    listing of incoming/ itself: the sensor names them without looking inside."""
+    incoming = Path(data_root) / INCOMING_DIR
+    if not categories.allow_new or not incoming.is_dir():
+        return []
+    return [display_name(top.name) for top in _entries(incoming)
+            if top.is_dir(follow_symlinks=False) and not top.is_symlink()
+            and _folder_category(display_name(top.name), categories)[0] == NEW_LABEL]
+
+
+def _folder_category(folder: str, categories: CategoryMap) -> tuple[int, str, str | None]:
+    """(label, category name, why refused) of a top folder under incoming/."""
+    try:
+        label = category_label(folder, categories)
+        return label, categories.names[label], None
+    except UnknownCategoryError as err:
+        if categories.allow_new and not re.fullmatch(r"[0-9]+", folder.strip()) and folder.strip():
+            return NEW_LABEL, re.sub(r"[\s_]+", " ", folder).strip(), None
+        return NEW_LABEL, "", str(err)
+
+
+def list_incoming(data_root: Path, categories: CategoryMap | None = None) -> tuple[list[Listed], list[Skipped]]:
     """The files under ``incoming/<category>/`` at any depth (a subfolder's photos belong to the category
     folder above it), sorted; and the files refused for where or what they are: outside a category folder, in
-    a folder that names no category, a symbolic link (never followed; ``incoming/`` itself may be one), not a
+    a folder that names no category (unless ``categories.allow_new``: it creates one), a symbolic link (never followed; ``incoming/`` itself may be one), not a
     regular file. Reads no file: one stat each.
     """
     incoming = Path(data_root) / INCOMING_DIR
@@ -137,10 +157,7 @@ def list_incoming(data_root: Path) -> tuple[list[Listed], list[Skipped]]:
                                        "0-based id>/")
             refused.append(Skipped(display_name(rel), reason))
             continue
-        try:
-            label, unknown = category_label(display_name(top.name)), None
-        except UnknownCategoryError as err:
-            label, unknown = -1, str(err)
+        label, category, unknown = _folder_category(display_name(top.name), categories or oxford_map())
         for entry, name in _walk(top.path, rel, refused):
             original = display_name(name)
             if unknown is not None:
@@ -153,7 +170,7 @@ def list_incoming(data_root: Path) -> tuple[list[Listed], list[Skipped]]:
             except OSError as err:
                 refused.append(Skipped(original, f"unreadable: {err.strerror or err}"))
                 continue
-            listed.append(Listed(original, Path(entry.path), label, stat.st_size, stat.st_mtime_ns))
+            listed.append(Listed(original, Path(entry.path), label, stat.st_size, stat.st_mtime_ns, category))
     listed.sort(key=lambda item: item.original)
     return listed, refused
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data.categories import CategoryMap, normalise_name
 from plant_pipeline.ml.data.incoming.ledger import IncomingError, read_state
 from plant_pipeline.ml.data.incoming.listing import Listed, Skipped, list_incoming
 from plant_pipeline.ml.data.incoming.reading import ChangedError, hash_photo
@@ -29,6 +29,7 @@ class Found:
     size: int
     mtime_ns: int
     path: Path
+    name: str = ""  # the category's name; label is NEW_LABEL when the folder creates the category
 
 
 @dataclass
@@ -59,27 +60,29 @@ def _check_limits(max_bytes: int, settle_s: float) -> None:
         raise IncomingError(f"settle_s (how long a file must be unchanged) must be >= 0 seconds; got {settle_s!r}")
 
 
-def scan_incoming(data_root: Path, *, read: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
-                  settle_s: float = DEFAULT_SETTLE_S) -> Scan:
+def scan_incoming(data_root: Path, *, categories: CategoryMap | None = None, read: bool = False,
+                  max_bytes: int = DEFAULT_MAX_BYTES, settle_s: float = DEFAULT_SETTLE_S) -> Scan:
     """Look at every file under ``incoming/<category>/``; changes nothing.
 
     With ``read=False`` (the sensor) no file under incoming/ is opened: files are recognised by path, size
     and mtime from the ledger (taken in, or seen by an earlier run), and the rest are ``pending``. With
     ``read=True`` (the run) each pending file's header is sniffed and its content hashed. Content already in
     the ledger or found earlier in this scan is a duplicate, whatever the file's name; the same content under
-    two categories is refused in all its places until a person removes the wrong copies.
+    two categories is refused in all its places until a person removes the wrong copies. ``categories`` (Oxford's
+    when None) names the folders; one that names none creates a category when ``categories.allow_new``.
     """
     photos, seen = read_state(data_root)
-    return scan_from_state(Path(data_root), photos, seen, read=read, max_bytes=max_bytes, settle_s=settle_s)
+    return scan_from_state(Path(data_root), photos, seen, categories=categories, read=read, max_bytes=max_bytes,
+                           settle_s=settle_s)
 
 
-def scan_from_state(data_root: Path, photos: list[dict[str, Any]], seen: dict[str, dict[str, Any]], *, read: bool,
-                    max_bytes: int, settle_s: float) -> Scan:
+def scan_from_state(data_root: Path, photos: list[dict[str, Any]], seen: dict[str, dict[str, Any]], *,
+                    categories: CategoryMap | None, read: bool, max_bytes: int, settle_s: float) -> Scan:
     """scan_incoming against a ledger already read (the intake reads it once, under its lock)."""
     _check_limits(max_bytes, settle_s)
     taken = {p["sha256"]: p for p in photos}
     unchanged = {(p["original"], p["original_bytes"], p["original_mtime_ns"]) for p in photos}
-    listed, refused = list_incoming(data_root)
+    listed, refused = list_incoming(data_root, categories)
     scan = Scan(rejected=refused)
     now, settle_ns = time.time_ns(), int(settle_s * 1e9)
     hashed: list[tuple[Listed, str]] = []
@@ -146,17 +149,19 @@ def _sort_by_content(hashed: list[tuple[Listed, str]], taken: dict[str, dict[str
                     continue
                 reason = (f"same content as {photo['original']}, taken in on {photo['added_at'][:10]} as "
                           f"{photo['name']!r}")
-                if item.label != photo["label"]:
-                    reason += f" (this copy's folder says {CATEGORY_NAMES[item.label]!r})"
+                if normalise_name(item.name) != normalise_name(photo.get("name", item.name)):
+                    reason += f" (this copy's folder says {item.name!r})"
                 scan.duplicates.append(Skipped(item.original, reason))
             continue
-        if len({item.label for item in items}) > 1:
-            places = ", ".join(f"{item.original} ({CATEGORY_NAMES[item.label]})" for item in items)
+        # By name: a photo under a known and a new category, or two new ones, is a conflict too.
+        if len({normalise_name(item.name) for item in items}) > 1:
+            places = ", ".join(f"{item.original} ({item.name})" for item in items)
             for item in items:
                 scan.rejected.append(Skipped(item.original, f"the same content is in two categories: {places}; "
                                              "delete or move the wrong copies: until then none is taken in"))
             continue
         first, *rest = items
-        scan.new.append(Found(first.original, digest, first.label, first.size, first.mtime_ns, first.path))
+        scan.new.append(Found(first.original, digest, first.label, first.size, first.mtime_ns, first.path,
+                             first.name))
         scan.duplicates.extend(Skipped(item.original, f"same content as {first.original}, which is taken in instead")
                                for item in rest)
