@@ -58,6 +58,15 @@ def test_a_new_folder_creates_the_next_category_split_by_content(tmp_path):
     assert again.added == [] and again.new_categories == [] and again.categories == result.categories
 
 
+@pytest.mark.parametrize("folder", ["__", "7"])
+def test_a_folder_that_names_nothing_or_a_missing_id_creates_no_category(tmp_path, folder):
+    _drop(tmp_path, folder, 1, 0)
+    result = incoming.ingest(tmp_path, categories=GARDEN, min_new_photos=1)
+    assert result.new_categories == [] and result.added == []
+    [reason] = {r.reason for r in result.rejected}
+    assert ("a new category needs a name with letters" if folder == "__" else "outside 0..2") in reason
+
+
 def test_a_new_category_below_the_minimum_waits_in_place(tmp_path):
     _drop(tmp_path, "clover", 2, 0)
     result = incoming.ingest(tmp_path, categories=GARDEN, min_new_photos=3)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from plant_pipeline.ml.data.categories import CategoryMap, oxford_map
+from plant_pipeline.ml.data.categories import CategoryMap, normalise_name, oxford_map
 from plant_pipeline.ml.errors import UsageError
 
 INCOMING_DIR = "incoming"
@@ -41,7 +41,9 @@ def category_label(folder: str, categories: CategoryMap | None = None) -> int:
     if label is None:
         raise UnknownCategoryError(
             f"unknown category {folder!r}: not one of the {len(names)} categories of source {categories.source!r} "
-            f"(category_map.json) nor an id 0..{last}; rename the folder, or use a source that allows new categories"
+            f"(category_map.json) nor an id 0..{last}; "
+            + ("rename the folder: a new category needs a name with letters" if categories.allow_new
+               else "rename the folder, or use a source that allows new categories")
         )
     return label
 
@@ -134,7 +136,8 @@ def _folder_category(folder: str, categories: CategoryMap) -> tuple[int, str, st
         label = category_label(folder, categories)
         return label, categories.names[label], None
     except UnknownCategoryError as err:
-        if categories.allow_new and not re.fullmatch(r"[0-9]+", folder.strip()) and folder.strip():
+        # Digits are ids, never names; a name of only spaces, "_" and "-" names nothing.
+        if categories.allow_new and not re.fullmatch(r"[0-9]+", folder.strip()) and normalise_name(folder):
             return NEW_LABEL, re.sub(r"[\s_]+", " ", folder).strip(), None
         return NEW_LABEL, "", str(err)
 
