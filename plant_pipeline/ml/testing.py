@@ -19,7 +19,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data.categories import CATEGORY_NAMES, CategoryMap
 from plant_pipeline.ml.shards.format import (
     INPUT_IDS,
     LABELS,
@@ -76,15 +76,19 @@ def validate_sample(
 
 
 def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: dict[str, int] | None = None,
-                     samples_per_shard: int = 8, seed: int = 0) -> Path:
+                     samples_per_shard: int = 8, seed: int = 0, categories: CategoryMap | None = None) -> Path:
     """Shards of solid-colour images whose colour names the class: a task a tiny model learns in seconds.
 
     Written with the same sample format and index as the flower_shards asset, so readers under test
-    cannot tell the difference.
+    cannot tell the difference. With ``categories`` the prompts use its names and question and the index records
+    it; without, Oxford's names and question and an index without categories (one written before they were data).
     """
+    names = categories.names if categories is not None else CATEGORY_NAMES
+    if classes > len(names):
+        raise ValueError(f"write_toy_shards: {classes} classes but only {len(names)} category names")
     per_class = per_class or {"train": 8, "validation": 2, "test": 2}
     rng = np.random.default_rng(seed)
-    encoder = PromptEncoder(processor)
+    encoder = PromptEncoder(processor, **({"question": categories.question} if categories else {}))
     palette = rng.integers(0, 256, size=(classes, 3))
     splits = {}
     image_id = 0
@@ -96,8 +100,8 @@ def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: d
                 image_id += 1
                 colour = np.clip(palette[label] + rng.integers(-10, 11, size=3), 0, 255).astype(np.uint8)
                 image = Image.fromarray(np.broadcast_to(colour, (40, 48, 3)).copy())
-                input_ids, labels = encoder.encode_category(CATEGORY_NAMES[label])
-                meta = {"image_id": image_id, "label": label, "name": CATEGORY_NAMES[label], "split": split,
+                input_ids, labels = encoder.encode_category(names[label])
+                meta = {"image_id": image_id, "label": label, "name": names[label], "split": split,
                         "source": "toy", "sha256": hashlib.sha256(colour.tobytes() + bytes([image_id % 256])).hexdigest()}
                 samples.append(Sample(f"image_{image_id:05d}", resize_and_crop(processor.image_processor, image),
                                       input_ids, labels, meta))
@@ -113,6 +117,7 @@ def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: d
     write_index(out_dir, make_index(
         model_name="toy", pixel_shape=samples[0].pixels.shape, num_image_tokens=encoder.num_image_tokens,
         image_token_id=int(encoder.image_token_id), vocab_size=len(processor.tokenizer), splits=splits,
+        categories=categories.to_json() if categories is not None else None,
     ))
     return out_dir
 

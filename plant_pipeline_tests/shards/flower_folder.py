@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from plant_pipeline.ml.data.categories import OXFORD_QUESTION, CategoryMap
 from plant_pipeline.ml.shards.build import ShardConfig, build_shards
 from plant_pipeline.ml.shards.format import decode_sample, read_index
 
 NAMES = ("pink primrose", "hard-leaved pocket orchid", "canterbury bells")
+CATEGORIES = CategoryMap(NAMES, question=OXFORD_QUESTION)  # Oxford's first three names and question
 needs_fork = pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
 
 
@@ -80,7 +82,7 @@ def build_flowers(flowers, model_dir, out_dir, **config):
     """build_shards on the folder of awkward images, in this process and small batches unless ``config`` says."""
     root, manifest = flowers
     config = {"num_workers": 1, "batch_size": 3, **config}
-    return build_shards(manifest, root, str(model_dir), out_dir, config=ShardConfig(**config), names=NAMES,
+    return build_shards(manifest, root, str(model_dir), out_dir, config=ShardConfig(**config), categories=CATEGORIES,
                         model_name="tiny")
 
 

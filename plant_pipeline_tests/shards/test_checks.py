@@ -24,6 +24,7 @@ from plant_pipeline.defs.assets.shards import (
 )
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml import shards as core
+from plant_pipeline.ml.data.categories import write_category_map
 from plant_pipeline.ml.data.manifest import write_manifest
 from plant_pipeline.ml.shards.build import ShardConfig, build_shards
 from plant_pipeline.ml.shards.checks import (
@@ -38,7 +39,7 @@ from plant_pipeline.ml.shards.format import INDEX_FILE
 from plant_pipeline.ml.shards.reader import read_samples
 from plant_pipeline.ml.shards.tar import closed_size
 from plant_pipeline.ml.testing import tar_sample
-from plant_pipeline_tests.shards.flower_folder import NAMES, make_flower_folder
+from plant_pipeline_tests.shards.flower_folder import CATEGORIES, NAMES, make_flower_folder
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_leakage_fails_when_one_image_is_in_two_splits(flowers, tiny_model_dir, 
     leaky = manifest[manifest["image_id"].isin([1, 10, 13])].copy()
     leaky.loc[leaky["image_id"] == 13, "path"] = "jpg/a1.jpg"  # the train image again, under another id
     out = tmp_path / "leaky"
-    build_shards(leaky, root, str(tiny_model_dir), out, names=NAMES, config=ShardConfig(num_workers=1))
+    build_shards(leaky, root, str(tiny_model_dir), out, categories=CATEGORIES, config=ShardConfig(num_workers=1))
     outcome = check_no_leakage(out)
     assert not outcome.passed and outcome.metadata["num_leaks"] == 1
     assert outcome.metadata["leaks"][0]["samples"] == {"train": "image_00001", "test": "image_00013"}
@@ -215,13 +216,20 @@ def _resources(data_dir: Path, model_dir: Path) -> dict:
             "model": ModelResource(model_name=str(model_dir), local_files_only=True)}
 
 
+def _write_inputs(data_dir: Path, manifest) -> None:
+    """What flower_shards reads: the manifest (labels as category ids) and the category map."""
+    storage = PipelineStorage(data_dir=str(data_dir))
+    write_manifest(manifest, storage.dataset_manifest_path)
+    write_category_map(storage.category_map_path, CATEGORIES)
+
+
 @pytest.fixture(scope="module")
 def flipped_run(tmp_path_factory, tiny_model_dir):
     """flower_shards with one byte of a shard flipped right after it is written, then its checks and an
     asset downstream, in one run."""
     data = tmp_path_factory.mktemp("data")
     manifest = make_flower_folder(data)
-    write_manifest(manifest, PipelineStorage(data_dir=str(data)).manifest_path)
+    _write_inputs(data, manifest)
     build = core.build_shards
 
     def build_then_flip(*args, **kwargs):
@@ -264,7 +272,7 @@ def test_failed_leakage_check_stops_the_assets_downstream(tmp_path, tiny_model_d
     data = tmp_path / "data"
     manifest = make_flower_folder(data)
     manifest.loc[manifest["image_id"] == 13, "path"] = "jpg/a1.jpg"
-    write_manifest(manifest, PipelineStorage(data_dir=str(data)).manifest_path)
+    _write_inputs(data, manifest)
     result = materialize(
         [flower_shards, shards_integrity, shards_no_leakage, reads_shards],
         resources=_resources(data, tiny_model_dir), raise_on_error=False,

@@ -13,7 +13,7 @@ from PIL import Image
 
 from plant_pipeline.ml.shards.build import ShardConfig, build_shards
 from plant_pipeline.ml.shards.checks import check_exactness, check_integrity
-from plant_pipeline_tests.shards.flower_folder import NAMES, png_bytes, read_all, tree_digest
+from plant_pipeline_tests.shards.flower_folder import CATEGORIES, png_bytes, read_all, tree_digest
 
 # --- 16-bit and turned photos ---------------------------------------------------------------------------
 
@@ -43,7 +43,7 @@ def odd_photos(tmp_path_factory, tiny_model_dir):
     manifest = pd.DataFrame({"image_id": [1, 2], "path": ["ramp16.png", "phone.jpg"], "label": [0, 1],
                              "split": ["train", "train"], "source": "oxford_flowers"})
     out = tmp_path_factory.mktemp("odd_shards")
-    result = build_shards(manifest, root, str(tiny_model_dir), out, config=ShardConfig(num_workers=1), names=NAMES)
+    result = build_shards(manifest, root, str(tiny_model_dir), out, config=ShardConfig(num_workers=1), categories=CATEGORIES)
     return root, manifest, result
 
 
@@ -69,7 +69,7 @@ def test_odd_photos_match_the_processor_on_the_upright_image(odd_photos, tiny_mo
     root, manifest, result = odd_photos
     outcome = check_exactness(result.out_dir, root, str(tiny_model_dir), sample_size=2)
     assert outcome.passed and outcome.metadata["samples_checked"] == 2, outcome.description
-    slow = build_shards(manifest, root, str(tiny_model_dir), tmp_path / "slow", names=NAMES,
+    slow = build_shards(manifest, root, str(tiny_model_dir), tmp_path / "slow", categories=CATEGORIES,
                         config=ShardConfig(num_workers=1, pil_geometry=False))
     assert tree_digest(slow.out_dir) == tree_digest(result.out_dir)
 

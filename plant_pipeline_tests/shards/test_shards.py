@@ -23,6 +23,7 @@ from plant_pipeline.ml.shards.tar import sample_nbytes, tar_header, tarfile_head
 from plant_pipeline.ml.shards.workers import Worker
 from plant_pipeline.ml.testing import encode_sample, tar_sample
 from plant_pipeline_tests.shards.flower_folder import (
+    CATEGORIES,
     EXPECTED_QUARANTINE,
     NAMES,
     build_flowers,
@@ -63,7 +64,7 @@ def test_config_workers_default_to_the_cpus_available():
 def test_bad_manifest_is_rejected_before_any_work(flowers, tiny_model_dir, tmp_path, change, message):
     root, manifest = flowers
     with pytest.raises(ShardInputError, match=message):
-        build_shards(change(manifest), root, str(tiny_model_dir), tmp_path / "out", names=NAMES)
+        build_shards(change(manifest), root, str(tiny_model_dir), tmp_path / "out", categories=CATEGORIES)
     assert not (tmp_path / "out").exists()
 
 
@@ -259,7 +260,8 @@ def test_interrupt_midway_leaves_previous_shards_untouched(flowers, tiny_model_d
 
     root, manifest = flowers
     with pytest.raises(KeyboardInterrupt):
-        build_shards(manifest, root, str(tiny_model_dir), out, names=NAMES, model_name="tiny", progress=interrupt,
+        build_shards(manifest, root, str(tiny_model_dir), out, categories=CATEGORIES, model_name="tiny",
+                     progress=interrupt,
                      config=ShardConfig(num_workers=2, batch_size=2, min_shards=3))
     assert tree_digest(out) == before
     assert not list(out.glob(".tmp-*"))

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 from PIL import Image
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES
+from plant_pipeline.ml.data.categories import CategoryMap, oxford_map
 from plant_pipeline.ml.data.manifest import SPLITS
 from plant_pipeline.ml.files import atomic_write_json, replace_folder
 from plant_pipeline.ml.shards.errors import ShardBuildError, ShardInputError
@@ -129,6 +129,10 @@ class ShardsResult:
     images_per_second: float
     seconds: float
     source_bytes: int  # bytes of the source image files read (for shard size vs JPEG size)
+    mode: str = "full"  # "full" | "incremental" | "unchanged"
+    reason: str = ""  # why this mode
+    new_samples: dict[str, int] = field(default_factory=dict)  # samples preprocessed by this build, per split
+    reused_shards: int = 0  # shard files kept untouched from the previous build
 
 
 class _SplitWriter:
@@ -301,19 +305,24 @@ def build_shards(
     out_dir: Path,
     *,
     config: ShardConfig | None = None,
-    names: Sequence[str] = CATEGORY_NAMES,
+    categories: CategoryMap | None = None,
     model_name: str | None = None,
     local_files_only: bool = True,
     revision: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    incremental: bool = True,
 ) -> ShardsResult:
     """Write ``out_dir/<split>/<split>-NNNNN.tar``, ``quarantine.json`` and ``index.json`` from ``manifest``.
 
     ``model_source`` is what ``AutoProcessor.from_pretrained`` takes (a folder or a hub id); every worker
     loads it once. Unreadable images are quarantined with a reason; any other error stops the build and
     leaves the previous shards and index untouched. ``progress(split, done, total)`` is called per batch.
+    ``categories`` (Oxford's by default) gives each label's name and the question; the index records them.
+    ``incremental`` is accepted for the incremental builds to come; every build is a full one for now.
     """
     config = config or ShardConfig()
+    categories = categories if categories is not None else oxford_map()
+    names = categories.names
     dataset_root, out_dir = Path(dataset_root), Path(out_dir)
     started = time.perf_counter()
     if not dataset_root.is_dir():
@@ -322,7 +331,7 @@ def build_shards(
 
     processor = load_processor(str(model_source), revision, local_files_only)
     validate_normalizer(PixelNormalizer.from_processor(processor.image_processor))
-    encoder = PromptEncoder(processor)
+    encoder = PromptEncoder(processor, question=categories.question)
     facts = _token_facts(encoder)
     tokens = _encode_labels(encoder, {row.label for split_rows in rows.values() for row in split_rows}, names, facts)
     fast = direct_resize_and_crop(processor.image_processor) if config.pil_geometry else None
@@ -351,7 +360,8 @@ def build_shards(
 
     index = make_index(
         model_name=model_name or str(model_source), revision=revision, pixel_shape=spec.pixel_shape,
-        splits={split: split_entry(shards[split], quarantined[split]) for split in rows}, **facts,
+        splits={split: split_entry(shards[split], quarantined[split]) for split in rows},
+        categories=categories.to_json(), **facts,
     )
     all_quarantined = [q for split in rows for q in quarantined[split]]
     atomic_write_json(out_dir / QUARANTINE_FILE, all_quarantined)
@@ -364,7 +374,9 @@ def build_shards(
         shards={s: len(v["shards"]) for s, v in index["splits"].items()},
         bytes={s: v["bytes"] for s, v in index["splits"].items()},
         quarantined=all_quarantined, images_per_second=total / seconds if seconds > 0 else 0.0,
-        seconds=seconds, source_bytes=source_bytes,
+        seconds=seconds, source_bytes=source_bytes, mode="full",
+        reason="full build" + ("" if incremental else " (incremental=False)"),
+        new_samples={s: v["samples"] for s, v in index["splits"].items()},
     )
     logger.info("wrote %s samples in %s shards (%d quarantined) in %.1f s, %.0f images/s",
                 result.samples, result.shards, len(all_quarantined), seconds, result.images_per_second)

@@ -21,7 +21,7 @@ from PIL import Image
 from plant_pipeline.ml.data.oxford import SOURCE as DEFAULT_SOURCE
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.images import to_rgb
-from plant_pipeline.ml.shards.format import FIELDS, ShardFormatError, ShardIndex, read_index
+from plant_pipeline.ml.shards.format import FIELDS, ShardFormatError, ShardIndex, read_categories, read_index
 from plant_pipeline.ml.shards.pixels import PixelNormalizer
 from plant_pipeline.ml.shards.prompts import PromptEncoder, answer_text, conversation, load_processor
 from plant_pipeline.ml.shards.reader import READ_ERRORS, all_metas, iter_shard, read_problem, read_samples
@@ -144,10 +144,13 @@ def check_integrity(shards_dir: Path, manifest: pd.DataFrame) -> CheckOutcome:
 
 
 @_failing_without_index
-def check_class_coverage(shards_dir: Path, num_classes: int) -> CheckOutcome:
-    """Every class 0..num_classes-1 has at least one sample in every split."""
+def check_class_coverage(shards_dir: Path, num_classes: int | None = None) -> CheckOutcome:
+    """Every class 0..num_classes-1 has at least one sample in every split; by default as many classes as the
+    index's categories (Oxford's 102 for an index without them)."""
     shards_dir = Path(shards_dir)
     index = _read_index(shards_dir)
+    if num_classes is None:
+        num_classes = len(read_categories(shards_dir))
     missing: dict[str, list[int]] = {}
     counts: dict[str, dict[str, int]] = {}
     metas_by_split, unreadable = all_metas(shards_dir, index)
@@ -251,7 +254,7 @@ def check_exactness(
 
     processor = load_processor(str(model_source), revision, local_files_only)
     normalizer = PixelNormalizer.from_processor(processor.image_processor)
-    encoder = PromptEncoder(processor)
+    encoder = PromptEncoder(processor, question=read_categories(shards_dir).question)
     problems: list[str] = []
     max_diff = 0.0
     checked = 0

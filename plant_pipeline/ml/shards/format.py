@@ -18,6 +18,7 @@ from typing import Any, Mapping, NotRequired, Sequence, TypedDict
 
 import numpy as np
 
+from plant_pipeline.ml.data.categories import CategoryError, CategoryMap, oxford_map
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import atomic_write_json, sha256_file
 
@@ -111,6 +112,7 @@ class ShardIndex(TypedDict):
     num_image_tokens: int  # image tokens in every prompt
     image_token_id: NotRequired[int]  # the tokenizer's facts the samples were validated against
     vocab_size: NotRequired[int]
+    categories: NotRequired[dict[str, Any]]  # CategoryMap.to_json(); absent in an older index = Oxford's
     splits: dict[str, SplitEntry]
 
 
@@ -129,7 +131,8 @@ def split_entry(shards: Sequence[ShardEntry], quarantined: Sequence[QuarantineEn
 
 def make_index(*, model_name: str, pixel_shape: Sequence[int], num_image_tokens: int,
                splits: Mapping[str, SplitEntry], revision: str | None = None,
-               image_token_id: int | None = None, vocab_size: int | None = None) -> ShardIndex:
+               image_token_id: int | None = None, vocab_size: int | None = None,
+               categories: Mapping[str, Any] | None = None) -> ShardIndex:
     """An index of the current format version (the tokenizer facts only where given)."""
     index: dict[str, Any] = {"format_version": INDEX_FORMAT_VERSION, "model_name": model_name, "revision": revision,
                              "pixel_shape": [int(n) for n in pixel_shape], "num_image_tokens": int(num_image_tokens)}
@@ -137,6 +140,8 @@ def make_index(*, model_name: str, pixel_shape: Sequence[int], num_image_tokens:
         index["image_token_id"] = int(image_token_id)
     if vocab_size is not None:
         index["vocab_size"] = int(vocab_size)
+    if categories is not None:
+        index["categories"] = dict(categories)
     index["splits"] = dict(splits)
     return index  # type: ignore[return-value]
 
@@ -149,6 +154,13 @@ def write_index(shards_dir: str | os.PathLike, index: ShardIndex) -> Path:
     path = Path(shards_dir) / INDEX_FILE
     validate_index(index, path)
     return atomic_write_json(path, index)
+
+
+def read_categories(shards_dir: str | os.PathLike) -> CategoryMap:
+    """The categories (names by id, question) the shards were built with; Oxford's for an index written before
+    categories were data."""
+    data = read_index(shards_dir).get("categories")
+    return oxford_map() if data is None else CategoryMap.from_json(data, f"{Path(shards_dir) / INDEX_FILE}: categories")
 
 
 def read_index(shards_dir: str | os.PathLike) -> ShardIndex:
@@ -225,6 +237,11 @@ def validate_index(index: Any, where: str | os.PathLike = INDEX_FILE) -> ShardIn
     for field in ("image_token_id", "vocab_size"):
         if field in index:
             check.integer(field, index[field])
+    if "categories" in index:
+        try:
+            CategoryMap.from_json(check.mapping("categories", index["categories"], ["id_to_name"]), f"{where}: categories")
+        except CategoryError as err:
+            raise ShardFormatError(f"{err}; rebuild the shards (flower_shards)") from err
     splits = index["splits"]
     if not isinstance(splits, dict) or not splits:
         check.fail("splits", "an object with at least one split", splits)
