@@ -78,12 +78,12 @@ EXPECTED_QUARANTINE = {
 }
 
 
-def build_flowers(flowers, model_dir, out_dir, **config):
+def build_flowers(flowers, model_dir, out_dir, incremental=True, **config):
     """build_shards on the folder of awkward images, in this process and small batches unless ``config`` says."""
     root, manifest = flowers
     config = {"num_workers": 1, "batch_size": 3, **config}
     return build_shards(manifest, root, str(model_dir), out_dir, config=ShardConfig(**config), categories=CATEGORIES,
-                        model_name="tiny")
+                        model_name="tiny", incremental=incremental)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -244,7 +244,8 @@ def test_error_midway_leaves_previous_shards_untouched(flowers, tiny_model_dir, 
     # Patched before the pool forks, so the workers inherit it.
     monkeypatch.setattr(Worker, "write_sample", fail_on_validation)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        build_flowers(flowers, tiny_model_dir, out, num_workers=workers, start_method="fork", min_shards=3)
+        build_flowers(flowers, tiny_model_dir, out, num_workers=workers, start_method="fork", min_shards=3,
+                      incremental=False)
     assert tree_digest(out) == before
     assert not list(out.glob(".tmp-*"))
 
@@ -261,7 +262,7 @@ def test_interrupt_midway_leaves_previous_shards_untouched(flowers, tiny_model_d
     root, manifest = flowers
     with pytest.raises(KeyboardInterrupt):
         build_shards(manifest, root, str(tiny_model_dir), out, categories=CATEGORIES, model_name="tiny",
-                     progress=interrupt,
+                     progress=interrupt, incremental=False,
                      config=ShardConfig(num_workers=2, batch_size=2, min_shards=3))
     assert tree_digest(out) == before
     assert not list(out.glob(".tmp-*"))

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import defaultdict, deque
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,8 +32,17 @@ from plant_pipeline.ml.data.categories import CategoryMap, oxford_map
 from plant_pipeline.ml.data.manifest import SPLITS
 from plant_pipeline.ml.files import atomic_write_json, replace_folder
 from plant_pipeline.ml.shards.errors import ShardBuildError, ShardInputError
-from plant_pipeline.ml.shards.format import ShardEntry, ShardIndex, make_index, split_entry, write_index
+from plant_pipeline.ml.shards.format import (
+    ShardEntry,
+    ShardFormatError,
+    ShardIndex,
+    make_index,
+    read_index,
+    split_entry,
+    write_index,
+)
 from plant_pipeline.ml.shards.geometry import direct_resize_and_crop, matches_processor
+from plant_pipeline.ml.shards.incremental import plan_update, row_facts
 from plant_pipeline.ml.shards.pixels import PixelNormalizer, resize_and_crop
 from plant_pipeline.ml.shards.prompts import PromptEncoder, load_processor
 from plant_pipeline.ml.shards.rows import Row, manifest_rows, plan_batches, shard_bounds
@@ -138,14 +147,14 @@ class ShardsResult:
 class _SplitWriter:
     """Writes one split's shards into a temporary folder, cutting by position bounds and by bytes."""
 
-    def __init__(self, folder: Path, split: str, bounds: list[int], max_bytes: int) -> None:
-        self.folder, self.split, self.max_bytes = folder, split, max_bytes
+    def __init__(self, folder: Path, split: str, bounds: list[int], max_bytes: int, first: int = 0) -> None:
+        self.folder, self.split, self.max_bytes, self.first = folder, split, max_bytes, first  # first file number
         self.next_bounds = deque(bounds[1:])
         self.shards: list[ShardEntry] = []
         self._file = None
 
     def _open(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.tar"
+        name = f"{self.split}-{self.first + len(self.shards):05d}.tar"
         self._file = open(self.folder / name, "wb")
         self._hash = hashlib.sha256()
         self._bytes = 0
@@ -248,11 +257,13 @@ def _write_splits(
     config: ShardConfig,
     processor,
     progress: Callable[[str, int, int], None] | None,
+    first: dict[str, int] | None = None,
 ) -> tuple[dict[str, list[ShardEntry]], dict[str, list[dict]], int]:
     """Process every batch (in a pool, or here when one worker) and write the shards in manifest order."""
     writers = {split: _SplitWriter(temp_dirs[split], split,
                                   shard_bounds(len(split_rows), config.samples_per_shard, config.min_shards),
-                                  config.max_shard_bytes) for split, split_rows in rows.items()}
+                                  config.max_shard_bytes, (first or {}).get(split, 0))
+               for split, split_rows in rows.items()}
     batches = plan_batches(rows, config.batch_size, config.workers())
     workers = min(config.workers(), len(batches))
     logger.info("building shards for %d images (%s) with %d worker(s)",
@@ -284,6 +295,35 @@ def _write_splits(
     finally:
         for writer in writers.values():
             writer.abort()
+
+
+def _current_index(out_dir: Path) -> ShardIndex | None:
+    """The index of the shards now in ``out_dir``, or None where there is none or it is unreadable."""
+    try:
+        return read_index(out_dir)
+    except (FileNotFoundError, ShardFormatError):
+        return None
+
+
+def _remove_unlisted_shards(out_dir: Path, index: ShardIndex) -> None:
+    """Shard files an interrupted incremental build left behind: the index never listed them."""
+    listed = {shard["file"] for entry in index["splits"].values() for shard in entry["shards"]}
+    for split in SPLITS:
+        for path in (out_dir / split).glob("*.tar"):
+            if f"{split}/{path.name}" not in listed:
+                path.unlink()
+
+
+def _add_shards(out_dir: Path, temp_dirs: dict[str, Path]) -> None:
+    """An incremental build's new shard files join the current ones; no existing file is touched."""
+    try:
+        for split, folder in temp_dirs.items():
+            (out_dir / split).mkdir(exist_ok=True)
+            for path in sorted(folder.glob("*.tar")):
+                os.replace(path, out_dir / split / path.name)
+    finally:
+        for folder in temp_dirs.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _replace_splits(out_dir: Path, temp_dirs: dict[str, Path]) -> None:
@@ -318,7 +358,10 @@ def build_shards(
     loads it once. Unreadable images are quarantined with a reason; any other error stops the build and
     leaves the previous shards and index untouched. ``progress(split, done, total)`` is called per batch.
     ``categories`` (Oxford's by default) gives each label's name and the question; the index records them.
-    ``incremental`` is accepted for the incremental builds to come; every build is a full one for now.
+    When the manifest holds the current shards' rows unchanged plus new ones (and the model, question and
+    category names are the same), only the new rows are preprocessed, into new shard files beside the untouched
+    old ones (``mode`` "incremental"); nothing changed gives "unchanged"; anything else, or ``incremental=False``,
+    a full rebuild. ``reason`` says why.
     """
     config = config or ShardConfig()
     categories = categories if categories is not None else oxford_map()
@@ -344,26 +387,51 @@ def build_shards(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(out_dir)
+    model_name = model_name or str(model_source)
+    build_facts = {"model_name": model_name, "revision": revision, "pixel_shape": list(spec.pixel_shape), **facts}
+    row_files = row_facts(rows, dataset_root)
+    previous = _current_index(out_dir) if incremental else None
+    mode, reason, todo = plan_update(previous, build_facts, row_files, categories.to_json())
+    if not incremental:
+        reason = "full build requested (incremental=False)"
+    logger.info("shards build: %s (%s)", mode, reason)
+    old_splits: dict[str, Any] = {}
+    if mode != "full":
+        old_splits = previous["splits"]
+        _remove_unlisted_shards(out_dir, previous)
+        rows = {split: [row for row in split_rows if row.key in todo] for split, split_rows in rows.items()}
+        rows = {split: split_rows for split, split_rows in rows.items() if split_rows}
+        config = replace(config, min_shards=1)  # a few new rows make one shard per split, not min_shards slivers
+    first = {split: len(old_splits.get(split, {}).get("shards", [])) for split in rows}
+
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the pid tells a later build whether this one still runs
     temp_dirs = {split: out_dir / f".tmp-{split}-{tag}" for split in rows}
     done = False
     try:
         for folder in temp_dirs.values():
             folder.mkdir()
-        shards, quarantined, source_bytes = _write_splits(rows, temp_dirs, spec, config, processor, progress)
+        if rows:
+            shards, quarantined, source_bytes = _write_splits(rows, temp_dirs, spec, config, processor, progress, first)
+        else:
+            shards, quarantined, source_bytes = {}, defaultdict(list), 0
         done = True
     finally:
         if not done:
             for folder in temp_dirs.values():
                 shutil.rmtree(folder, ignore_errors=True)
-    _replace_splits(out_dir, temp_dirs)
+    if mode == "full":
+        _replace_splits(out_dir, temp_dirs)
+    else:
+        _add_shards(out_dir, temp_dirs)
 
-    index = make_index(
-        model_name=model_name or str(model_source), revision=revision, pixel_shape=spec.pixel_shape,
-        splits={split: split_entry(shards[split], quarantined[split]) for split in rows},
-        categories=categories.to_json(), **facts,
-    )
-    all_quarantined = [q for split in rows for q in quarantined[split]]
+    splits = {split: split_entry(shards[split], quarantined[split]) for split in rows}
+    for split, entry in old_splits.items():  # the reused shards first, in their order
+        added = splits.get(split, split_entry([]))
+        splits[split] = split_entry(entry["shards"] + added["shards"], entry["quarantined"] + added["quarantined"])
+    index = make_index(model_name=model_name, revision=revision, pixel_shape=spec.pixel_shape, splits=splits,
+                       categories=categories.to_json(), **facts)
+    index["inputs"] = {"build": build_facts, "rows": row_files}  # what the next build compares (incremental.py)
+    all_quarantined = [q for split in splits for q in splits[split]["quarantined"]]
     atomic_write_json(out_dir / QUARANTINE_FILE, all_quarantined)
     write_index(out_dir, index)
     seconds = time.perf_counter() - started
@@ -374,9 +442,9 @@ def build_shards(
         shards={s: len(v["shards"]) for s, v in index["splits"].items()},
         bytes={s: v["bytes"] for s, v in index["splits"].items()},
         quarantined=all_quarantined, images_per_second=total / seconds if seconds > 0 else 0.0,
-        seconds=seconds, source_bytes=source_bytes, mode="full",
-        reason="full build" + ("" if incremental else " (incremental=False)"),
-        new_samples={s: v["samples"] for s, v in index["splits"].items()},
+        seconds=seconds, source_bytes=source_bytes, mode=mode, reason=reason,
+        new_samples={s: sum(e["samples"] for e in shards[s]) for s in rows},
+        reused_shards=sum(len(entry["shards"]) for entry in old_splits.values()),
     )
     logger.info("wrote %s samples in %s shards (%d quarantined) in %.1f s, %.0f images/s",
                 result.samples, result.shards, len(all_quarantined), seconds, result.images_per_second)
