@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from plant_pipeline.ml.data.categories import CategoryMap, oxford_map
+from plant_pipeline.ml.data.categories import CategoryMap
 from plant_pipeline.ml.evaluation.answers import generate_answers, match_answer
 from plant_pipeline.ml.evaluation.scoring import (
     NORMALIZE,
@@ -23,7 +23,7 @@ from plant_pipeline.ml.evaluation.scoring import (
     score_candidates_naive,
     score_candidates_shared_prefix,
 )
-from plant_pipeline.ml.shards.format import decode_sample, read_index, split_shard_paths
+from plant_pipeline.ml.shards.format import decode_sample, read_categories, read_index, split_shard_paths
 from plant_pipeline.ml.shards.pixels import PixelNormalizer
 from plant_pipeline.ml.shards.prompts import PromptEncoder
 
@@ -57,15 +57,8 @@ class EvalResult:
     method_reason: str = ""
 
 
-def read_shard_categories(shards_dir: str | Path) -> CategoryMap:
-    """The categories recorded in the shards' index; Oxford's for an index written before categories were data.
-
-    A stand-in until plant_pipeline.ml.shards exports read_categories.
-    """
-    data = read_index(shards_dir).get("categories")
-    if data is None:
-        return oxford_map()
-    return CategoryMap.from_json(data, where=str(Path(shards_dir) / "index.json"))
+# The shards' categories (Oxford's for an older index); one reader, the shards stage's.
+read_shard_categories = read_categories
 
 
 def choose_method(method: str, num_names: int) -> tuple[str, str]:
