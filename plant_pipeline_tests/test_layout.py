@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "plant_pipeline" / "ml"
 DAGSTER_LAYER = [REPO / "plant_pipeline" / "defs", REPO / "plant_pipeline" / "definitions.py"]

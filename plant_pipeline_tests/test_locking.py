@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
 
@@ -18,6 +19,7 @@ from plant_pipeline.defs.assets.shards import flower_shards
 from plant_pipeline.defs.assets.training import trained_model
 from plant_pipeline.defs.locks import LOCK_WAIT_ENV
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
+from plant_pipeline.ml.data import write_manifest
 from plant_pipeline.ml.locking import OutputLockedError, output_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +84,10 @@ def test_a_second_run_of_an_asset_waits_for_the_first_then_fails_with_a_clear_me
     storage = PipelineStorage(data_dir=str(tmp_path))
     lock = storage.path("locks", "category_map.lock")
     instance = DagsterInstance.ephemeral()
+    # What category_map reads: the Oxford source's manifest (two categories, a train and a test photo each).
+    write_manifest(pd.DataFrame({"image_id": [1, 2, 3, 4], "path": [f"{i}.jpg" for i in range(4)],
+                                 "label": [0, 0, 1, 1], "split": ["train", "test"] * 2, "source": ["oxford"] * 4}),
+                   storage.manifest_path)
 
     # Held for longer than the wait: the run fails, names the holder, and leaves no output behind.
     monkeypatch.setenv(LOCK_WAIT_ENV, "0.3")

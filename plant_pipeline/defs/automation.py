@@ -20,7 +20,8 @@ from dagster import (
     definitions,
 )
 
-DATA_ASSETS = ["oxford_flowers", "category_map", "user_photos", "flower_shards"]
+DATA_ASSETS = ["oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map", "user_photos",
+               "flower_shards"]
 USER_PHOTO_ASSETS = ["user_photos", "flower_shards"]
 TRAIN_ASSETS = ["trained_model", "model_evaluation"]
 RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
@@ -28,8 +29,8 @@ RETRAIN_CRON_ENV = "PLANT_PIPELINE_RETRAIN_CRON"
 
 prepare_data_job = define_asset_job(
     "prepare_data", selection=AssetSelection.assets(*DATA_ASSETS),
-    description="Download and verify the release, build the category map, take in new user photos and build "
-    "the shards.",
+    description="Read the sources (the Oxford release by default; an image folder or a datasets dataset where "
+    "configured), build the category map of the chosen one, take in new user photos and build the shards.",
 )
 add_user_photos_job = define_asset_job(
     "add_user_photos", selection=AssetSelection.assets(*USER_PHOTO_ASSETS),

@@ -40,7 +40,18 @@ class PipelineStorage(ConfigurableResource):
 
     @property
     def manifest_path(self) -> Path:
+        """The Oxford release's manifest (labels are Oxford's ids)."""
         return self.path("oxford_flowers", "manifest.parquet")
+
+    def source_dir(self, source: str) -> Path:
+        """Where a source other than Oxford keeps its manifest, its categories and any exported images."""
+        return self.path("sources", source)
+
+    @property
+    def dataset_manifest_path(self) -> Path:
+        """The chosen source's manifest with labels as category_map.json's ids: what the shards are built from
+        (with the photos taken in from incoming/)."""
+        return self.path("manifest.parquet")
 
     @property
     def incoming_dir(self) -> Path:

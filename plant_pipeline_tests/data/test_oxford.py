@@ -14,6 +14,7 @@ from plant_pipeline.ml.data.manifest import (
     DatasetFormatError,
     read_manifest,
     summarize_manifest,
+    validate_manifest,
     write_manifest,
 )
 from plant_pipeline.ml.data.oxford import build_manifest, read_labels, read_splits
@@ -164,8 +165,11 @@ def test_invalid_manifests_are_refused_on_write_and_read(tiny_release: Path, tmp
     df.assign(label=df["label"].astype("float64")).to_parquet(tmp_path / "float.parquet")
     with pytest.raises(DatasetFormatError, match="'label' should be int64, got float64"):
         read_manifest(tmp_path / "float.parquet")
+    with pytest.raises(DatasetFormatError, match="labels outside >= 0"):
+        write_manifest(df.assign(label=df["label"] - 100), tmp_path / "m.parquet")
+    # Any number of categories: the upper bound is the category map's, where the caller gives it.
     with pytest.raises(DatasetFormatError, match="labels outside 0..101"):
-        write_manifest(df.assign(label=df["label"] + 100), tmp_path / "m.parquet")
+        validate_manifest(df.assign(label=df["label"] + 100), num_classes=102)
 
 
 def test_summarize_manifest_counts_splits_and_classes(tiny_release: Path) -> None:

@@ -72,7 +72,7 @@ def test_category_map_check_fails_for_unnamed_labels(tmp_path, small_release):
     assert _materialize(tmp_path, {"local_dir": str(small_release.out_dir), "md5": small_release.md5}).success
     path = tmp_path / "category_map.json"
     mapping = json.loads(path.read_text())
-    del mapping["id_to_name"]["5"]
+    del mapping["id_to_name"]["101"]  # ids stay 0..N-1 without gaps; the last one loses its name
     path.write_text(json.dumps(mapping))
     check = category_map_complete(storage=PipelineStorage(data_dir=str(tmp_path)))
-    assert not check.passed and check.metadata["labels_without_name"].value == [5]
+    assert not check.passed and check.metadata["labels_without_name"].value == [101]

@@ -24,16 +24,18 @@ from plant_pipeline.defs.assets.shards import (
     shards_no_leakage,
     shards_quarantine_rate,
 )
+from plant_pipeline.defs.assets.sources import folder_photos, hf_dataset_photos
 from plant_pipeline.defs.assets.training import trained_model
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
 from plant_pipeline.ml.data.demo_release import make_demo_release
 from plant_pipeline.ml.data.manifest import read_manifest
 from plant_pipeline.ml.shards.format import read_index
 
-ASSETS = [oxford_flowers, category_map, category_map_complete, flower_shards, shards_integrity,
+ASSETS = [oxford_flowers, folder_photos, hf_dataset_photos, category_map, category_map_complete, flower_shards, shards_integrity,
           shards_class_coverage, shards_no_leakage, shards_quarantine_rate, shards_exactness, trained_model,
           model_evaluation]
-ASSET_NAMES = ("oxford_flowers", "category_map", "flower_shards", "trained_model", "model_evaluation")
+# The two other sources have no location set: they materialise as "not in use", as in `make demo`.
+ASSET_NAMES = ("oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map", "flower_shards", "trained_model", "model_evaluation")
 ALL_CHECKS = {"category_map_complete", "shards_integrity", "shards_class_coverage", "shards_no_leakage",
               "shards_quarantine_rate", "shards_exactness", "accuracy_floor", "no_regression", "coverage"}
 TEST_PER_CLASS = 1
@@ -206,8 +208,9 @@ def test_shards_integrity_fails_on_a_corrupted_shard(pipeline, first_run, tmp_pa
     storage = PipelineStorage(data_dir=str(tmp_path))
     slug = pipeline.model.spec(pipeline.storage).slug
     shutil.copytree(pipeline.storage.shards_dir(slug), storage.shards_dir(slug))
-    storage.manifest_path.parent.mkdir(parents=True)
-    shutil.copy(pipeline.storage.manifest_path, storage.manifest_path)
+    # What shards_integrity compares with: the dataset's manifest and its categories.
+    shutil.copy(pipeline.storage.dataset_manifest_path, storage.dataset_manifest_path)
+    shutil.copy(pipeline.storage.category_map_path, storage.category_map_path)
     assert shards_integrity(storage=storage, model=pipeline.model).passed
 
     shard = min((storage.shards_dir(slug) / "train").glob("*.tar"))

@@ -39,7 +39,8 @@ def test_jobs_cover_the_graph_and_the_schedule_starts_stopped():
         name: {key.to_user_string() for key in defs.resolve_job_def(name).asset_layer.executable_asset_keys}
         for name in ("prepare_data", "add_user_photos", "train_and_evaluate", "full_pipeline")
     }
-    assert assets["prepare_data"] == {"oxford_flowers", "category_map", "user_photos", "flower_shards"}
+    assert assets["prepare_data"] == {"oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map",
+                                      "user_photos", "flower_shards"}
     assert assets["add_user_photos"] == {"user_photos", "flower_shards"}
     assert assets["train_and_evaluate"] == {"trained_model", "model_evaluation"}
     assert assets["full_pipeline"] == assets["prepare_data"] | assets["train_and_evaluate"]

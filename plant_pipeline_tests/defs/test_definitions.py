@@ -38,9 +38,11 @@ DG = shutil.which("dg", path=str(Path(sys.executable).parent))
 
 LINEAGE = {
     "oxford_flowers": set(),
-    "category_map": {"oxford_flowers"},
-    "user_photos": set(),
-    "flower_shards": {"oxford_flowers", "category_map", "user_photos"},
+    "folder_photos": set(),
+    "hf_dataset_photos": set(),
+    "category_map": {"oxford_flowers", "folder_photos", "hf_dataset_photos"},
+    "user_photos": {"category_map"},
+    "flower_shards": {"category_map", "user_photos"},
     "trained_model": {"flower_shards"},
     "model_evaluation": {"trained_model", "flower_shards"},
 }
@@ -59,7 +61,8 @@ JOBS = {"prepare_data", "add_user_photos", "train_and_evaluate", "full_pipeline"
 SCHEDULES = {"retraining_schedule"}
 SENSORS = {"incoming_photos_sensor", "dead_run_reaper"}
 # Assets whose run config a person sets in the Launchpad.
-CONFIGURED = {"oxford_flowers", "user_photos", "flower_shards", "trained_model", "model_evaluation"}
+CONFIGURED = {"oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map", "user_photos",
+              "flower_shards", "trained_model", "model_evaluation"}
 
 
 def _config_class(asset_name: str) -> type[Config] | None:
@@ -84,7 +87,8 @@ def test_asset_keys_and_lineage():
 
 def test_asset_groups():
     groups = {spec.key.to_user_string(): spec.group_name for spec in defs.resolve_all_asset_specs()}
-    assert groups == {"oxford_flowers": "data", "category_map": "data", "user_photos": "data",
+    assert groups == {"oxford_flowers": "data", "folder_photos": "data", "hf_dataset_photos": "data",
+                      "category_map": "data", "user_photos": "data",
                       "flower_shards": "data", "trained_model": "training", "model_evaluation": "training"}
 
 

@@ -27,9 +27,12 @@ def release(tmp_path_factory):
                              test_per_class=1, image_size=48)
 
 
-# The 7B twin's run repeats the 0.5B's path at other sizes: it runs with `pytest -m slow`, keeping `make test` short.
-@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if "7b" in name else name
-                                        for name in sorted(TWINS)], ids=lambda name: name.split("/")[-1])
+# A whole graph per twin (~40 s each on 2 cores): `pytest -m slow`, keeping `make test` under 10 minutes;
+# model/test_twins.py covers each twin's processor, training and ranking in the default run.
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=sorted(TWINS), ids=lambda name: name.split("/")[-1])
 def twin_run(request, release, twin_builds, tmp_path_factory):
     """One full materialisation with one twin; (hub id, result)."""
     threads = torch.get_num_threads()

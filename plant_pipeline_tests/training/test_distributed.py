@@ -127,6 +127,8 @@ def test_torchrun_two_ranks_train_in_step_on_disjoint_samples(tiny_model_dir, to
 
 # ---- accelerate launch -----------------------------------------------------------------------------
 
+# Two ranks again (as the torchrun test), under accelerate's launcher: `pytest -m slow`, to keep `make test` short.
+@pytest.mark.slow
 def test_accelerate_launch_runs_the_entry_point_with_the_shipped_config(tiny_model_dir, toy_shards, tmp_path):
     # On CPU accelerate starts one process (several need MPI); the point is that the shipped config file and the
     # entry point work together unchanged. FSDP / DeepSpeed need GPUs: bench/gpu_fsdp.py runs FSDP there.

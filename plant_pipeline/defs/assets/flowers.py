@@ -1,7 +1,9 @@
-"""Assets ``oxford_flowers`` (download, verify, extract, manifest) and ``category_map`` (the 102 names)."""
+"""Assets ``oxford_flowers`` (download, verify, extract, manifest) and ``category_map`` (the categories of the chosen
+source, with append-only ids)."""
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +12,7 @@ from dagster import (
     AssetExecutionContext,
     Config,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -21,19 +24,29 @@ from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import ProgressLog, table
 from plant_pipeline.defs.resources import PipelineStorage
 from plant_pipeline.ml.data import (
-    CATEGORY_NAMES,
+    DEFAULT_QUESTION,
     OFFICIAL_BASE_URL,
     OFFICIAL_MD5,
+    OXFORD_QUESTION,
+    OXFORD_SOURCE,
+    CategoryMap,
     ExtractLimits,
     build_manifest,
+    check_category_counts,
     fetch_md5sums,
     fetch_release,
+    merge_category_map,
+    oxford_map,
+    read_category_map,
+    read_display_names,
     read_manifest,
+    relabel,
     safe_extract_tgz,
     summarize_manifest,
+    write_category_map,
     write_manifest,
 )
-from plant_pipeline.ml.files import atomic_write_json, sha256_file
+from plant_pipeline.ml.files import sha256_file
 
 # Manifest paths are relative to the data root, so every source (the official release, later user photos)
 # lives in one table.
@@ -121,35 +134,97 @@ def oxford_flowers(
     )
 
 
-@asset(
-    deps=[oxford_flowers],
-    group_name="data",
-    code_version="1",
-    kinds={"python", "json"},
-    description="The 102 category names with their ids (0-based labels of the manifest).",
-)
-@locked_output
-def category_map(context: AssetExecutionContext, storage: PipelineStorage) -> MaterializeResult:
-    mapping = {
-        "id_to_name": {str(label): name for label, name in enumerate(CATEGORY_NAMES)},
-        "name_to_id": {name: label for label, name in enumerate(CATEGORY_NAMES)},
-    }
-    path = atomic_write_json(storage.category_map_path, mapping)
-    names = pd.DataFrame({"category_id": range(len(CATEGORY_NAMES)), "name": CATEGORY_NAMES})
-    return MaterializeResult(
-        metadata={"num_categories": len(CATEGORY_NAMES), "path": MetadataValue.path(str(path)), "categories": table(names)},
-        data_version=DataVersion(sha256_file(path)[:16]),
+class CategoryMapConfig(Config):
+    source: str = Field(
+        default=OXFORD_SOURCE,
+        description="The source asset that feeds this run: oxford_flowers (the default), folder_photos or "
+        "hf_dataset_photos. Its categories become the map; ids stay as they were for the same source (new "
+        "categories are appended), and start afresh when the source changes.",
+    )
+    display_names_file: str | None = Field(
+        default=None,
+        description="Optional JSON file {category name: display name}, e.g. {\"rosa canina\": \"Dog rose\"}.",
+    )
+    question: str | None = Field(
+        default=None, description="The question every prompt asks; empty: the source's own (Oxford: "
+        f"{OXFORD_QUESTION!r}; others: {DEFAULT_QUESTION!r}).",
+    )
+    min_train_photos: int = Field(
+        default=1, ge=1, description="Fewest training photos a category may have; fewer fails this asset, naming "
+        "the categories (a model cannot learn a category it never saw).",
+    )
+    min_test_photos: int = Field(
+        default=1, ge=0, description="Fewest test photos a category should have; fewer is a warning naming them "
+        "(the category cannot be evaluated).",
     )
 
 
-@asset_check(asset=category_map, description="102 unique names, and every label in the manifest has one.")
+SOURCES = (OXFORD_SOURCE, "folder_photos", "hf_dataset_photos")
+
+
+def _source_data(storage: PipelineStorage, source: str) -> tuple[pd.DataFrame, CategoryMap]:
+    """The source's manifest (labels index its own names) and its categories."""
+    if source not in SOURCES:
+        raise Failure(f"category_map: unknown source {source!r}; expected one of {list(SOURCES)}")
+    if source == OXFORD_SOURCE:
+        return read_manifest(storage.manifest_path), oxford_map()
+    folder = storage.source_dir(source)
+    if not (folder / "categories.json").is_file():
+        raise Failure(f"category_map: source {source} has no photos yet ({folder} is empty); set its location in "
+                      f"its config and materialise {source} first")
+    return read_manifest(folder / "manifest.parquet"), read_category_map(folder / "categories.json")
+
+
+@asset(
+    deps=SOURCES,
+    group_name="data",
+    code_version="2",  # 2: the categories come from the chosen source
+    kinds={"python", "json"},
+    description="The categories and their ids, taken from the chosen source (config: source), with the question the "
+    "prompts ask; ids are append-only. Writes category_map.json and the source's manifest relabelled to these ids.",
+)
+@locked_output
+def category_map(context: AssetExecutionContext, config: CategoryMapConfig, storage: PipelineStorage) -> MaterializeResult:
+    manifest, found = _source_data(storage, config.source)
+    display = read_display_names(config.display_names_file) if config.display_names_file else {}
+    current = replace(found, question=config.question or found.question, display_names=display)
+    previous = read_category_map(storage.category_map_path) if storage.category_map_path.is_file() else None
+    categories = merge_category_map(previous, current)
+    manifest = manifest.assign(label=relabel(manifest["label"], found.names, categories))
+    report = check_category_counts(zip(manifest["label"], manifest["split"]), categories,
+                                   min_train=config.min_train_photos, min_test=config.min_test_photos)
+    for warning in report.warnings:
+        context.log.warning(warning)
+    if report.errors:
+        raise Failure("category_map: " + "; ".join(report.errors), metadata={"categories": table(
+            pd.DataFrame(report.per_category), limit=200)})
+    new = categories.new_names(previous)
+    # The manifest first, the map last: a reader that finds the new map finds the manifest its ids belong to.
+    write_manifest(manifest, storage.dataset_manifest_path)
+    path = write_category_map(storage.category_map_path, categories)
+    context.log.info(f"{len(categories)} categories from {config.source}; new: {new[:20]}")
+    return MaterializeResult(
+        metadata={
+            "source": config.source,
+            "num_categories": len(categories),
+            "new_categories": MetadataValue.json(new[:200]),
+            "question": categories.question,
+            "warnings": MetadataValue.json(report.warnings),
+            "path": MetadataValue.path(str(path)),
+            "categories": table(pd.DataFrame(report.per_category), limit=200),
+        },
+        data_version=DataVersion(hashlib.sha256(
+            (sha256_file(path) + sha256_file(storage.dataset_manifest_path)).encode()).hexdigest()[:16]),
+    )
+
+
+@asset_check(asset=category_map, description="Names unique once normalised, and every label of the dataset's manifest "
+             "has a name.")
 def category_map_complete(storage: PipelineStorage) -> AssetCheckResult:
-    mapping = json.loads(storage.category_map_path.read_text())
-    names = list(mapping["id_to_name"].values())
-    labels = set(read_manifest(storage.manifest_path)["label"].tolist())
-    unnamed = sorted(label for label in labels if str(label) not in mapping["id_to_name"])
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    categories = read_category_map(storage.category_map_path)
+    labels = set(read_manifest(storage.dataset_manifest_path)["label"].tolist())
+    unnamed = sorted(label for label in labels if not 0 <= label < len(categories))
     return AssetCheckResult(
-        passed=len(names) == 102 and not duplicates and not unnamed,
-        metadata={"num_names": len(names), "duplicate_names": duplicates, "labels_without_name": unnamed},
+        passed=not unnamed,
+        metadata={"num_names": len(categories), "labels_without_name": unnamed[:100], "source": categories.source},
     )

@@ -1,5 +1,6 @@
 """Asset ``flower_shards``: every image and prompt preprocessed by the model's processor into WebDataset shards."""
 
+import pandas as pd
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -13,14 +14,14 @@ from dagster import (
 )
 from pydantic import Field
 
-from plant_pipeline.defs.assets.flowers import category_map, oxford_flowers
+from plant_pipeline.defs.assets.flowers import category_map
 from plant_pipeline.defs.assets.user_photos import user_photos
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml import shards as core
-from plant_pipeline.ml.data import NUM_CLASSES, combine_manifests, read_manifest, read_user_manifest
+from plant_pipeline.ml.data import CategoryMap, combine_manifests, read_category_map, read_manifest, read_user_manifest
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.shards import INDEX_FILE, CheckOutcome, ShardConfig
 
@@ -29,19 +30,23 @@ FlowerShardsConfig = config_from_dataclass(
 )
 
 
-def training_manifest(storage: PipelineStorage):
-    """The release's manifest plus the photos users contributed (none before user_photos first ran)."""
-    return combine_manifests(read_manifest(storage.manifest_path), read_user_manifest(storage.path()))
+def training_manifest(storage: PipelineStorage) -> tuple[pd.DataFrame, CategoryMap, list[str]]:
+    """The chosen source's photos plus those taken in from incoming/ (none before user_photos first ran), labelled
+    by category_map.json; and the names of user photos' categories the map does not have (left out)."""
+    categories = read_category_map(storage.category_map_path)
+    user, left_out = read_user_manifest(storage.path(), categories)
+    return combine_manifests(read_manifest(storage.dataset_manifest_path), user), categories, left_out
 
 
 @asset(
-    deps=[oxford_flowers, category_map, user_photos],
+    deps=[category_map, user_photos],
     group_name="data",
-    code_version="2",  # 2: user photos join the release's rows
+    code_version="3",  # 3: any categories (from category_map.json); incremental when only new photos arrived
     kinds={"python", "webdataset"},
     description="Images resized and cropped by the model's own processor (stored as uint8), prompt token ids and "
-    "answer masks, validated and written as WebDataset tar shards per split: the Oxford release plus the "
-    "photos users contributed (user_photos).",
+    "answer masks, validated and written as WebDataset tar shards per split: the chosen source's photos plus "
+    "those taken in from incoming/ (user_photos). When only new photos arrived, only they are preprocessed, into "
+    "new shard files beside the untouched old ones.",
 )
 @locked_output
 def flower_shards(
@@ -54,12 +59,15 @@ def flower_shards(
         if done == total or done % 500 == 0:
             context.log.info(f"{split}: {done}/{total} images preprocessed")
 
-    manifest = training_manifest(storage)
+    manifest, categories, left_out = training_manifest(storage)
+    if left_out:
+        context.log.warning(f"photos from incoming/ of categories not in category_map.json left out: {left_out[:20]}")
     result = core.build_shards(
         manifest,
         storage.path(),
         spec.source(),
         out_dir,
+        categories=categories,
         config=to_dataclass(ShardConfig, config),
         model_name=spec.model_name,
         local_files_only=spec.local_files_only,
@@ -69,6 +77,11 @@ def flower_shards(
     splits = result.index["splits"]
     metadata = {
         "shards_dir": MetadataValue.path(str(out_dir)),
+        "build": result.mode,
+        "build_reason": result.reason,
+        "reused_shards": result.reused_shards,
+        "new_samples": MetadataValue.json(result.new_samples),
+        "num_categories": len(categories),
         "model_name": spec.model_name,
         "quarantined": len(result.quarantined),
         "images_per_second": round(result.images_per_second, 1),
@@ -113,12 +126,12 @@ def _shards_dir(storage: PipelineStorage, model: ModelResource):
 @asset_check(asset=flower_shards, blocking=True, description="Every shard re-read: counts and sha256 match the "
              "index; counts match the manifest minus quarantined images. Blocks the assets downstream when it fails.")
 def shards_integrity(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(core.check_integrity(_shards_dir(storage, model), training_manifest(storage)))
+    return _result(core.check_integrity(_shards_dir(storage, model), training_manifest(storage)[0]))
 
 
 @asset_check(asset=flower_shards, description="Every class present in every split.")
 def shards_class_coverage(storage: PipelineStorage, model: ModelResource) -> AssetCheckResult:
-    return _result(core.check_class_coverage(_shards_dir(storage, model), NUM_CLASSES))
+    return _result(core.check_class_coverage(_shards_dir(storage, model)))
 
 
 # Blocking too: training on a test image would make the evaluation a lie.

@@ -14,6 +14,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from plant_pipeline.defs.assets.flowers import category_map
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import table
 from plant_pipeline.defs.resources import PipelineStorage
@@ -62,8 +63,9 @@ class UserPhotosConfig(Config):
 
 
 @asset(
+    deps=[category_map],  # reads category_map.json: which folders are categories, whether new ones may be created
     group_name="data",
-    code_version="1",
+    code_version="2",  # 2: any source's categories; new categories where the source allows them
     kinds={"python", "parquet"},
     description="Photos from data/incoming/<category name or 0-based id>/ (subfolders too; a new folder name "
     "creates a category where the source allows it, written to category_map.json): decoded, taken in "

@@ -44,6 +44,13 @@ from plant_pipeline.ml.data.incoming import (
 )
 from plant_pipeline.ml.data.manifest import combine_manifests, read_manifest, summarize_manifest, write_manifest
 from plant_pipeline.ml.data.oxford import build_manifest, image_relpath, read_labels, read_splits
+from plant_pipeline.ml.data.sources import (
+    SourceData,
+    SourceError,
+    content_image_id,
+    read_datasets_source,
+    read_image_folder,
+)
 
 __all__ = [
     "CATEGORY_NAMES",
@@ -69,6 +76,11 @@ __all__ = [
     "ExtractLimits",
     "IngestResult",
     "Skipped",
+    "SourceData",
+    "SourceError",
+    "content_image_id",
+    "read_datasets_source",
+    "read_image_folder",
     "build_manifest",
     "combine_manifests",
     "fetch_md5sums",
