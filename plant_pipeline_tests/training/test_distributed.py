@@ -183,6 +183,8 @@ def _materialize(instance: DagsterInstance, data: Path, model_dir: Path, **confi
     )
 
 
+# The asset launching torchrun (~17 s); the torchrun and crashing-child tests cover the launch: `pytest -m slow`.
+@pytest.mark.slow
 def test_asset_trains_two_ranks_through_pipes(pipeline_data, tiny_model_dir):
     instance = DagsterInstance.ephemeral()
     result = _materialize(instance, pipeline_data, tiny_model_dir, nproc_per_node=2)

@@ -214,6 +214,8 @@ def mlflow_server(tmp_path):
         log.close()
 
 
+# Starts an `mlflow server` (~15 s); the local store's tests cover the same logging: `pytest -m slow`.
+@pytest.mark.slow
 def test_a_tracking_server_receives_the_run(spec, toy_shards, tmp_path, monkeypatch, mlflow_server):
     from mlflow import MlflowClient
 
