@@ -26,6 +26,22 @@ def _figure_bytes(figure) -> bytes:
     return buffer.getvalue()
 
 
+def _finish(figure, path: str | os.PathLike | None) -> bytes:
+    """The figure's PNG bytes, also written atomically to ``path`` when given."""
+    data = _figure_bytes(figure)
+    if path is not None:
+        atomic_write_bytes(Path(path), data)
+    return data
+
+
+def _scored(table: pd.DataFrame) -> pd.DataFrame:
+    """per_class_table's classes with test images, worst first (ties by id)."""
+    scored = table.loc[table["test_images"] > 0].sort_values(["accuracy", "category_id"], kind="stable")
+    if scored.empty:
+        raise ValueError("per-class table has no class with test images; nothing to plot")
+    return scored
+
+
 def _pyplot():
     import matplotlib
 
@@ -73,19 +89,14 @@ def plot_confusion_matrix(cm: np.ndarray, names: Sequence[str], path: str | os.P
     axis.set_title(f"{title}: {correct}/{total} correct", fontsize=12)
     axis.set_xlabel("predicted class id")
     axis.set_ylabel("true class")
-    data = _figure_bytes(figure)
-    if path is not None:
-        atomic_write_bytes(Path(path), data)
-    return data
+    return _finish(figure, path)
 
 
 def plot_per_class_accuracy(table: pd.DataFrame, path: str | os.PathLike | None = None,
                             *, title: str = "Per-class accuracy (test split)") -> bytes:
     """Bars of per_class_table's accuracy, worst class first; classes without test images are left out."""
     plt = _pyplot()
-    scored = table.loc[table["test_images"] > 0].sort_values(["accuracy", "category_id"], kind="stable")
-    if scored.empty:
-        raise ValueError("per-class table has no class with test images; nothing to plot")
+    scored = _scored(table)
     num = len(scored)
     figure, axis = plt.subplots(figsize=(max(8.0, 0.15 * num + 2), 6), layout="constrained")
     accuracy = scored["accuracy"].to_numpy()
@@ -101,10 +112,7 @@ def plot_per_class_accuracy(table: pd.DataFrame, path: str | os.PathLike | None 
     omitted = len(table) - num
     axis.set_title(title + (f" ({omitted} classes without test images omitted)" if omitted else ""))
     axis.legend(loc="upper left", fontsize=8)
-    data = _figure_bytes(figure)
-    if path is not None:
-        atomic_write_bytes(Path(path), data)
-    return data
+    return _finish(figure, path)
 
 
 # Beyond this many classes a full matrix or one bar per class is unreadable: show the worst and a distribution.
@@ -129,19 +137,14 @@ def plot_confused_pairs(pairs: pd.DataFrame, path: str | os.PathLike | None = No
         axis.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=axis.transAxes)
     axis.set_xlabel("test images of the true class predicted as the other")
     axis.set_title(title)
-    data = _figure_bytes(figure)
-    if path is not None:
-        atomic_write_bytes(Path(path), data)
-    return data
+    return _finish(figure, path)
 
 
 def plot_accuracy_overview(table: pd.DataFrame, path: str | os.PathLike | None = None,
                            *, title: str = "Per-class accuracy (test split)") -> bytes:
     """For many classes: bars of the WORST_SHOWN worst classes beside a histogram of every class's accuracy."""
     plt = _pyplot()
-    scored = table.loc[table["test_images"] > 0].sort_values(["accuracy", "category_id"], kind="stable")
-    if scored.empty:
-        raise ValueError("per-class table has no class with test images; nothing to plot")
+    scored = _scored(table)
     worst = scored.head(WORST_SHOWN)
     figure, (bars, hist) = plt.subplots(1, 2, figsize=(14, 7), layout="constrained", width_ratios=(3, 2))
     accuracy = worst["accuracy"].to_numpy()
@@ -161,10 +164,7 @@ def plot_accuracy_overview(table: pd.DataFrame, path: str | os.PathLike | None =
     omitted = len(table) - len(scored)
     hist.set_title("all classes" + (f" ({omitted} without test images omitted)" if omitted else ""))
     figure.suptitle(title)
-    data = _figure_bytes(figure)
-    if path is not None:
-        atomic_write_bytes(Path(path), data)
-    return data
+    return _finish(figure, path)
 
 
 def evaluation_figures(predictions: pd.DataFrame, table: pd.DataFrame, names: Sequence[str]) -> dict[str, bytes]:
