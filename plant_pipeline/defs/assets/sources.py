@@ -64,14 +64,19 @@ def _write_source(context: AssetExecutionContext, storage: PipelineStorage, name
     )
 
 
-class ImageFolderConfig(Config):
+class _SourceConfig(Config):
+    """What every source of one's own photos takes: the split fractions and the question."""
+
+    split_fractions: list[float] = Field(default=list(DEFAULT_FRACTIONS), description=_SPLITS_HELP)
+    question: str = Field(default=DEFAULT_QUESTION, description="The question every prompt asks about the photo.")
+
+
+class ImageFolderConfig(_SourceConfig):
     root: str = Field(
         default="",
         description="A folder of <category>/<photos> or <train|validation|test>/<category>/<photos>; photos in "
         "subfolders of a category folder belong to it. Empty: this source is not in use.",
     )
-    split_fractions: list[float] = Field(default=list(DEFAULT_FRACTIONS), description=_SPLITS_HELP)
-    question: str = Field(default=DEFAULT_QUESTION, description="The question every prompt asks about the photo.")
     max_photo_mb: float = Field(default=50, gt=0, description="Photos larger than this many MB are left out, named.")
 
 
@@ -93,7 +98,7 @@ def folder_photos(
     return _write_source(context, storage, "folder_photos", data, config.root)
 
 
-class HfDatasetConfig(Config):
+class HfDatasetConfig(_SourceConfig):
     dataset: str = Field(
         default="",
         description="A folder written by datasets' save_to_disk, a local imagefolder folder, or a Hugging Face hub "
@@ -102,8 +107,6 @@ class HfDatasetConfig(Config):
     image_column: str = Field(default="image", description="The column holding the photos.")
     label_column: str = Field(default="label", description="The ClassLabel column; its names become the categories.")
     revision: str | None = Field(default=None, description="Hub datasets: a branch, tag or commit to pin.")
-    split_fractions: list[float] = Field(default=list(DEFAULT_FRACTIONS), description=_SPLITS_HELP)
-    question: str = Field(default=DEFAULT_QUESTION, description="The question every prompt asks about the photo.")
 
 
 @asset(
