@@ -11,7 +11,9 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import webdataset as wds
 from PIL import Image
 
 from plant_pipeline.ml.data.categories import CATEGORY_NAMES, CategoryMap
+from plant_pipeline.ml.files import staging_folder
 from plant_pipeline.ml.shards.format import (
     INPUT_IDS,
     LABELS,
@@ -120,6 +123,30 @@ def write_toy_shards(out_dir: Path, processor, *, classes: int = 4, per_class: d
         categories=categories.to_json() if categories is not None else None,
     ))
     return out_dir
+
+
+def make_model_folder(path: str | os.PathLike, categories: CategoryMap, *, models_dir: str | os.PathLike) -> Path:
+    """A model folder as train() leaves it, from the untrained tiny model: the full model and processor
+    (save_pretrained), training_meta.json naming the base model's spec, and categories.json (as a promoted folder
+    holds it). For tests and benchmarks of identifying photos that need no training: its answers are random.
+
+    The tiny model is built (once) under ``models_dir``; ``path`` is replaced whole.
+    """
+    from plant_pipeline.ml.model.spec import ModelSpec
+    from plant_pipeline.ml.model.tiny import TINY_MODEL_NAME, build_tiny_llava
+    from plant_pipeline.ml.serving.registry import CATEGORIES_FILE
+    from plant_pipeline.ml.training.results import RESULT_META
+
+    spec = ModelSpec(model_name=TINY_MODEL_NAME, local_files_only=True, models_dir=str(models_dir))
+    built = build_tiny_llava(Path(models_dir) / TINY_MODEL_NAME)
+    with staging_folder(path) as staged:
+        for item in built.iterdir():
+            if item.is_file():
+                shutil.copy2(item, staged / item.name)
+        meta = {"kind": "full", "model_spec": asdict(spec), "train_config": {}, "steps": 0}
+        (staged / RESULT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        (staged / CATEGORIES_FILE).write_text(json.dumps(categories.to_json(), indent=2))
+    return Path(path)
 
 
 # ---- memory measurement for the benchmarks (Linux /proc) ------------------------------------------------
