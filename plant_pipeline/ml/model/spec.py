@@ -1,12 +1,14 @@
 """Where the model comes from and how it is loaded: one ModelSpec shared by every step of the pipeline.
 
 Hub ids and local folders load through ``AutoProcessor`` / ``LlavaForConditionalGeneration.from_pretrained``;
-the name ``tiny-random-llava`` is first built locally (see tiny.py) and then loaded the same way.
+the name ``tiny-random-llava`` is first built locally (see tiny.py) and then loaded the same way. A hub id is
+checked first (hub.py), so an unreachable hub costs a second and one message instead of minutes of retries.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 
 from plant_pipeline.ml.device import DEVICE_TYPES, DevicePolicy, policy_of
 from plant_pipeline.ml.errors import UsageError
+from plant_pipeline.ml.model import hub
 from plant_pipeline.ml.model.tiny import TINY_MODEL_NAME, build_tiny_llava
 
 logger = logging.getLogger(__name__)
@@ -87,18 +90,75 @@ class ModelSpec:
             return str(build_tiny_llava(Path(self.models_dir) / TINY_MODEL_NAME))
         return self.model_name
 
-    def _pretrained_kwargs(self) -> dict:
-        return {"revision": self.revision, "local_files_only": self.local_files_only}
+    def _is_hub_id(self) -> bool:
+        """'org/name' or 'name'; anything else (an absolute, relative or home path, or a deeper one) is a folder."""
+        name = self.model_name
+        if name == TINY_MODEL_NAME or Path(name).expanduser().is_dir():
+            return False
+        if name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+            raise ModelConfigError(
+                f"model {name!r} looks like a folder, but there is no such folder (working directory {Path.cwd()}); "
+                "set PLANT_PIPELINE_MODEL to a folder holding config.json and the weights, or to a hub id"
+            )
+        return True
+
+    def _local_files_only(self) -> bool:
+        """local_files_only for from_pretrained: True where the model must come from the cache; raises
+        ModelConfigError, naming the model and the fixes, where neither the hub nor the cache can serve it."""
+        if not self._is_hub_id():
+            return self.local_files_only
+        name, revision = self.model_name, self.revision
+        at = f" at revision {revision}" if revision else ""
+        if self.local_files_only or hub.offline_mode():
+            if hub.is_cached(name, revision):
+                return True
+            why = "local_files_only is set" if self.local_files_only else "HF_HUB_OFFLINE=1 is set"
+            raise ModelConfigError(
+                f"model {name}{at} is not in the Hugging Face cache ({hub.cache_dir()}) and {why}, so it cannot "
+                f"be downloaded. {hub.offline_fixes(name)}"
+            )
+        answer = hub.probe(name, revision)
+        if answer.problem is None:
+            return False
+        if not answer.reachable and hub.is_cached(name, revision):
+            logger.warning("the Hugging Face hub (%s) cannot be reached (%s); loading %s from the cache %s",
+                           hub.endpoint(), answer.problem, name, hub.cache_dir())
+            return True
+        if not answer.reachable:
+            raise ModelConfigError(
+                f"model {name}{at} cannot be loaded: the Hugging Face hub at {hub.endpoint()} cannot be reached "
+                f"({answer.problem}) and the model is not in the cache ({hub.cache_dir()}). {hub.offline_fixes(name)}"
+            )
+        raise ModelConfigError(f"model {name}{at} cannot be loaded from {hub.endpoint()}: {answer.problem}")
+
+    def pretrained_kwargs(self) -> dict:
+        """``revision`` and ``local_files_only`` for every from_pretrained of this model (config, processor,
+        weights, in any process), once the hub or the cache is known to serve it; else ModelConfigError, at once."""
+        return {"revision": self.revision, "local_files_only": self._local_files_only()}
+
+    def _pretrained(self, load, checked: dict, **kwargs):
+        """``load(source, ...)`` with the checked kwargs; a cache that lacks some of the files is one message."""
+        try:
+            return load(self.source(), **checked, **kwargs)
+        except OSError as err:
+            if not (checked["local_files_only"] and self._is_hub_id()):
+                raise
+            raise ModelConfigError(
+                f"model {self.model_name} is only partly in the Hugging Face cache ({hub.cache_dir()}): {err} "
+                f"{hub.offline_fixes(self.model_name)}"
+            ) from err
 
     def load_processor(self):
+        checked = self.pretrained_kwargs()  # before importing transformers (seconds): a model it lacks fails at once
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(self.source(), **self._pretrained_kwargs())
+        return self._pretrained(AutoProcessor.from_pretrained, checked)
 
     def load_model(self, *, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        checked = self.pretrained_kwargs()
         from transformers import LlavaForConditionalGeneration
 
         device = device or resolve_device(self.device)
         dtype = dtype or resolve_dtype(self.dtype, device)
-        model = LlavaForConditionalGeneration.from_pretrained(self.source(), dtype=dtype, **self._pretrained_kwargs())
+        model = self._pretrained(LlavaForConditionalGeneration.from_pretrained, checked, dtype=dtype)
         return model.to(device)
