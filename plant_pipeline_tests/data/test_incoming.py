@@ -312,6 +312,13 @@ def test_a_user_photo_flows_into_the_manifest_and_the_train_shards(tmp_path, tin
     assert all(check.passed for check in result.get_asset_check_evaluations())
     assert (root / "incoming" / "roses" / "r.jpg").is_file()
 
+    # A test photo of the release dropped in (the leak of issue 20): refused, so it never joins the train split.
+    test_photo = read_manifest(storage.manifest_path).query("split == 'test'").iloc[0]
+    leaked = root / "incoming" / "Rose" / "found-on-my-disk.jpg"
+    leaked.write_bytes((root / test_photo["path"]).read_bytes())
+    _settle(leaked)
     again = materialize([user_photos], resources={"storage": storage})
-    assert _metadata(again, "user_photos")["new_photos"] == 0
+    photos = _metadata(again, "user_photos")
+    assert (photos["new_photos"], photos["already_in_data"]) == (0, 1)
+    assert f"already in the data as image {test_photo['image_id']} (test split" in str(photos["left_in_place"].records)
     assert _data_version(again, "user_photos") == _data_version(result, "user_photos")

@@ -70,7 +70,8 @@ class UserPhotosConfig(Config):
     description="Photos from data/incoming/<category name or 0-based id>/ (subfolders too; a new folder name "
     "creates a category where the source allows it, written to category_map.json): decoded, taken in "
     "once each by sha256, copied to data/user_photos/ with a manifest (source 'user') and, last, a ledger. "
-    "Unknown categories, symlinks, oversized, undecodable and conflicting files are reported and left in place; "
+    "Unknown categories, symlinks, oversized, undecodable and conflicting files, and photos already in the data "
+    "(the release's, by sha256: a test photo never joins the train split), are reported and left in place; "
     "files still being written wait.",
 )
 @locked_output
@@ -112,6 +113,7 @@ def _report(context: AssetExecutionContext, storage: PipelineStorage, result: In
         "new_photos": len(result.added),
         "duplicates": len(result.scan.duplicates),
         "rejected": len(result.rejected),
+        "already_in_data": result.scan.in_data,  # of the rejected: the same bytes as a photo of the manifests
         "waiting": len(result.waiting),
         "already_taken_in": result.scan.known,
         "num_photos": len(result.photos),

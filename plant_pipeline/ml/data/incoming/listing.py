@@ -145,8 +145,8 @@ def _folder_category(folder: str, categories: CategoryMap) -> tuple[int, str, st
 def list_incoming(data_root: Path, categories: CategoryMap | None = None) -> tuple[list[Listed], list[Skipped]]:
     """The files under ``incoming/<category>/`` at any depth (a subfolder's photos belong to the category
     folder above it), sorted; and the files refused for where or what they are: outside a category folder, in
-    a folder that names no category (unless ``categories.allow_new``: it creates one), a symbolic link (never followed; ``incoming/`` itself may be one), not a
-    regular file. Reads no file: one stat each.
+    a folder that names no category (unless ``categories.allow_new``: it creates one), a symbolic link (never
+    followed; ``incoming/`` itself may be one), not a regular file. Reads no file: one stat each.
     """
     incoming = Path(data_root) / INCOMING_DIR
     listed: list[Listed] = []

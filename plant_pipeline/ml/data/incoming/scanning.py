@@ -4,11 +4,13 @@ ledger's memory of it where possible, so that an unchanged file is never read tw
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from plant_pipeline.ml.data.categories import CategoryMap, normalise_name
+from plant_pipeline.ml.data.incoming.in_data import DataPhoto, load_data_photos
 from plant_pipeline.ml.data.incoming.ledger import IncomingError, read_state
 from plant_pipeline.ml.data.incoming.listing import Listed, Skipped, list_incoming
 from plant_pipeline.ml.data.incoming.reading import ChangedError, hash_photo
@@ -42,6 +44,7 @@ class Scan:
     rejected: list[Skipped] = field(default_factory=list)  # refused; unchanged, they are not looked at again
     waiting: list[Skipped] = field(default_factory=list)  # still being written: looked at on a later tick
     known: int = 0  # files taken in by an earlier run, still in place
+    in_data: int = 0  # of the rejected, files whose bytes are already in the data (the release's photos)
     # What is known of files not taken in, by original: their size, mtime, sha256 and, when refused for their
     # content, the reason. Kept in the ledger so that no run reads an unchanged file twice.
     seen: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -61,23 +64,27 @@ def _check_limits(max_bytes: int, settle_s: float) -> None:
 
 
 def scan_incoming(data_root: Path, *, categories: CategoryMap | None = None, read: bool = False,
-                  max_bytes: int = DEFAULT_MAX_BYTES, settle_s: float = DEFAULT_SETTLE_S) -> Scan:
+                  max_bytes: int = DEFAULT_MAX_BYTES, settle_s: float = DEFAULT_SETTLE_S,
+                  manifests: Sequence[Path] | None = None) -> Scan:
     """Look at every file under ``incoming/<category>/``; changes nothing.
 
     With ``read=False`` (the sensor) no file under incoming/ is opened: files are recognised by path, size
     and mtime from the ledger (taken in, or seen by an earlier run), and the rest are ``pending``. With
     ``read=True`` (the run) each pending file's header is sniffed and its content hashed. Content already in
     the ledger or found earlier in this scan is a duplicate, whatever the file's name; the same content under
-    two categories is refused in all its places until a person removes the wrong copies. ``categories`` (Oxford's
-    when None) names the folders; one that names none creates a category when ``categories.allow_new``.
+    two categories is refused in all its places until a person removes the wrong copies. Content already in
+    the data (a file of ``manifests``, the data root's when None: see in_data) is refused, so that no photo of
+    the release, a test photo say, is taken in a second time. ``categories`` (Oxford's when None) names the
+    folders; one that names none creates a category when ``categories.allow_new``.
     """
     photos, seen = read_state(data_root)
     return scan_from_state(Path(data_root), photos, seen, categories=categories, read=read, max_bytes=max_bytes,
-                           settle_s=settle_s)
+                           settle_s=settle_s, manifests=manifests)
 
 
 def scan_from_state(data_root: Path, photos: list[dict[str, Any]], seen: dict[str, dict[str, Any]], *,
-                    categories: CategoryMap | None, read: bool, max_bytes: int, settle_s: float) -> Scan:
+                    categories: CategoryMap | None, read: bool, max_bytes: int, settle_s: float,
+                    manifests: Sequence[Path] | None = None) -> Scan:
     """scan_incoming against a ledger already read (the intake reads it once, under its lock)."""
     _check_limits(max_bytes, settle_s)
     taken = {p["sha256"]: p for p in photos}
@@ -123,7 +130,12 @@ def scan_from_state(data_root: Path, photos: list[dict[str, Any]], seen: dict[st
                 continue
             scan.seen[item.original] = {"bytes": item.size, "mtime_ns": item.mtime_ns, "sha256": digest}
             hashed.append((item, digest))
-    _sort_by_content(hashed, taken, scan)
+    in_data: dict[str, DataPhoto] = {}
+    if any(digest not in taken for _, digest in hashed):
+        # Only the run builds the cache (it may hash the whole release); a sensor tick without a fresh one
+        # leaves the files new, and the run it launches refuses them.
+        in_data = load_data_photos(data_root, manifests, build=read) or {}
+    _sort_by_content(hashed, taken, in_data, scan)
     return scan
 
 
@@ -135,8 +147,9 @@ def _remembered(seen: dict[str, dict[str, Any]], item: Listed) -> dict[str, Any]
     return memo if memo.get("reason") or memo.get("sha256") else None
 
 
-def _sort_by_content(hashed: list[tuple[Listed, str]], taken: dict[str, dict[str, Any]], scan: Scan) -> None:
-    """New, duplicate or conflicting: each hashed file, by its content."""
+def _sort_by_content(hashed: list[tuple[Listed, str]], taken: dict[str, dict[str, Any]],
+                     in_data: dict[str, DataPhoto], scan: Scan) -> None:
+    """New, duplicate, already in the data or conflicting: each hashed file, by its content."""
     by_digest: dict[str, list[Listed]] = {}
     for item, digest in hashed:
         by_digest.setdefault(digest, []).append(item)
@@ -152,6 +165,11 @@ def _sort_by_content(hashed: list[tuple[Listed, str]], taken: dict[str, dict[str
                 if normalise_name(item.name) != normalise_name(photo.get("name", item.name)):
                     reason += f" (this copy's folder says {item.name!r})"
                 scan.duplicates.append(Skipped(item.original, reason))
+            continue
+        # Refused rather than sent to the release photo's split: even there it would count twice.
+        if (release_photo := in_data.get(digest)) is not None:
+            scan.rejected.extend(Skipped(item.original, release_photo.reason) for item in items)
+            scan.in_data += len(items)
             continue
         # By name: a photo under a known and a new category, or two new ones, is a conflict too.
         if len({normalise_name(item.name) for item in items}) > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,17 +54,17 @@ class IngestResult:
 
 def ingest(data_root: Path, split: str = "train", *, categories: CategoryMap | None = None,
            min_new_photos: int = DEFAULT_MIN_NEW_PHOTOS, max_bytes: int = DEFAULT_MAX_BYTES,
-           settle_s: float = DEFAULT_SETTLE_S) -> IngestResult:
+           settle_s: float = DEFAULT_SETTLE_S, manifests: Sequence[Path] | None = None) -> IngestResult:
     """Take every new photo under ``incoming/`` in (see intake); recorded at once."""
     with intake(data_root, split, categories=categories, min_new_photos=min_new_photos, max_bytes=max_bytes,
-                settle_s=settle_s) as result:
+                settle_s=settle_s, manifests=manifests) as result:
         return result
 
 
 @contextmanager
 def intake(data_root: Path, split: str = "train", *, categories: CategoryMap | None = None,
            min_new_photos: int = DEFAULT_MIN_NEW_PHOTOS, max_bytes: int = DEFAULT_MAX_BYTES,
-           settle_s: float = DEFAULT_SETTLE_S) -> Iterator[IngestResult]:
+           settle_s: float = DEFAULT_SETTLE_S, manifests: Sequence[Path] | None = None) -> Iterator[IngestResult]:
     """Take every new photo under ``incoming/`` in: hash and decode it, copy it into the store; then, when the
     ``with`` block ends without an exception, rewrite the user manifest and, last, the ledger. Idempotent: a
     second call with nothing new changes nothing.
@@ -76,6 +76,8 @@ def intake(data_root: Path, split: str = "train", *, categories: CategoryMap | N
     the new categories appended) inside the block, so that a failure records neither.
 
     Files over ``max_bytes`` are refused from their size; files modified in the last ``settle_s`` seconds wait.
+    Files whose bytes are already in the data (a file of ``manifests``, the data root's when None) are refused,
+    whichever split they would join: the release's test photos never reach the train split this way.
     Each write is atomic and the ledger is the last, so a block that raises, or a run killed midway, leaves
     the previous ledger, and the next run takes the same photos in (same ids, reusing the copies made).
     """
@@ -92,7 +94,7 @@ def intake(data_root: Path, split: str = "train", *, categories: CategoryMap | N
                      what=f"the user photo store {store}"):
         photos, seen = read_state(data_root)
         scan = scan_from_state(data_root, photos, seen, categories=categories, read=True, max_bytes=max_bytes,
-                               settle_s=settle_s)
+                               settle_s=settle_s, manifests=manifests)
         rejected, waiting = list(scan.rejected), list(scan.waiting)
         valid: list[tuple[Found, str]] = []
         for found in scan.new:
@@ -142,9 +144,9 @@ def intake(data_root: Path, split: str = "train", *, categories: CategoryMap | N
         if added or scan.seen != seen or not result.ledger_path.is_file():
             write_ledger(data_root, result.photos, scan.seen)
     # Callers report the rejected files one by one (the asset's log, the sensor's skip reason).
-    logger.info("took in %d new photos (%d duplicates, %d rejected, %d waiting, %d known, %d new categories); "
-                "%d user photos in all", len(added), len(scan.duplicates), len(rejected), len(waiting), scan.known,
-                len(new_names), len(result.photos))
+    logger.info("took in %d new photos (%d duplicates, %d rejected of which %d already in the data, %d waiting, "
+                "%d known, %d new categories); %d user photos in all", len(added), len(scan.duplicates),
+                len(rejected), scan.in_data, len(waiting), scan.known, len(new_names), len(result.photos))
 
 
 def _stored_path(found: Found, extension: str) -> str:
