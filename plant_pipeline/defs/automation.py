@@ -23,7 +23,7 @@ from dagster import (
 DATA_ASSETS = ["oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map", "user_photos",
                "flower_shards"]
 USER_PHOTO_ASSETS = ["user_photos", "flower_shards"]
-TRAIN_ASSETS = ["trained_model", "model_evaluation"]
+TRAIN_ASSETS = ["trained_model", "model_evaluation", "production_model"]
 RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
 RETRAIN_CRON_ENV = "PLANT_PIPELINE_RETRAIN_CRON"
 
@@ -39,10 +39,11 @@ add_user_photos_job = define_asset_job(
 )
 train_and_evaluate_job = define_asset_job(
     "train_and_evaluate", selection=AssetSelection.assets(*TRAIN_ASSETS),
-    description="Fine-tune on the current shards, then evaluate on the test split.",
+    description="Fine-tune on the current shards, evaluate on the test split, and promote the model to production "
+    "when its checks pass and it is not worse than production's by more than the margin.",
 )
 full_pipeline_job = define_asset_job("full_pipeline", selection=AssetSelection.all(),
-                                     description="The whole graph, data to evaluation.")
+                                     description="The whole graph, data to the production model.")
 
 
 def _tags(instance: DagsterInstance, asset: str) -> dict[str, str] | None:

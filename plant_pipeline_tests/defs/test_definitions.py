@@ -45,6 +45,7 @@ LINEAGE = {
     "flower_shards": {"category_map", "user_photos"},
     "trained_model": {"flower_shards"},
     "model_evaluation": {"trained_model", "flower_shards"},
+    "production_model": {"model_evaluation"},
 }
 CHECKS = {
     ("category_map", "category_map_complete"),
@@ -62,7 +63,7 @@ SCHEDULES = {"retraining_schedule"}
 SENSORS = {"incoming_photos_sensor", "dead_run_reaper"}
 # Assets whose run config a person sets in the Launchpad.
 CONFIGURED = {"oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map", "user_photos",
-              "flower_shards", "trained_model", "model_evaluation"}
+              "flower_shards", "trained_model", "model_evaluation", "production_model"}
 
 
 def _config_class(asset_name: str) -> type[Config] | None:
@@ -89,7 +90,8 @@ def test_asset_groups():
     groups = {spec.key.to_user_string(): spec.group_name for spec in defs.resolve_all_asset_specs()}
     assert groups == {"oxford_flowers": "data", "folder_photos": "data", "hf_dataset_photos": "data",
                       "category_map": "data", "user_photos": "data",
-                      "flower_shards": "data", "trained_model": "training", "model_evaluation": "training"}
+                      "flower_shards": "data", "trained_model": "training", "model_evaluation": "training",
+                      "production_model": "serving"}
 
 
 def test_asset_checks():
