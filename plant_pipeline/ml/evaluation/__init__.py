@@ -2,7 +2,7 @@
 answer (answers.py), per-class metrics, figures and the written report.
 """
 
-from plant_pipeline.ml.evaluation.evaluate import EvalResult, choose_method, evaluate_shards, read_shard_categories
+from plant_pipeline.ml.evaluation.evaluate import EvalResult, evaluate_shards, read_shard_categories
 from plant_pipeline.ml.evaluation.metrics import (
     compare,
     confusion_counts,
@@ -20,7 +20,7 @@ from plant_pipeline.ml.evaluation.plots import (
     plot_per_class_accuracy,
 )
 from plant_pipeline.ml.evaluation.report import read_report, write_report
-from plant_pipeline.ml.evaluation.scoring import EvaluationError
+from plant_pipeline.ml.evaluation.scoring import EvaluationError, choose_method, rank_candidates
 from plant_pipeline.ml.evaluation.tracking import log_evaluation
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "per_class_table",
     "plot_confusion_matrix",
     "plot_per_class_accuracy",
+    "rank_candidates",
     "read_report",
     "read_shard_categories",
     "summary_metrics",

@@ -17,11 +17,13 @@ from plant_pipeline.ml.data.categories import CategoryMap
 from plant_pipeline.ml.evaluation.answers import generate_answers, match_answer
 from plant_pipeline.ml.evaluation.scoring import (
     NORMALIZE,
+    PRUNE_KEEP,
     CandidateSet,
     EvaluationError,
+    choose_method,
     normalize_scores,
+    rank_candidates,
     score_candidates_naive,
-    score_candidates_shared_prefix,
 )
 from plant_pipeline.ml.shards.format import decode_sample, read_categories, read_index, split_shard_paths
 from plant_pipeline.ml.shards.pixels import PixelNormalizer
@@ -30,10 +32,7 @@ from plant_pipeline.ml.shards.prompts import PromptEncoder
 logger = logging.getLogger(__name__)
 
 METHODS = ("auto", "rank", "prune", "generate")
-# "auto" ranks every name up to RANK_ALL_UP_TO names; beyond, it prunes to the names under the PRUNE_KEEP likeliest
-# first tokens: full ranking's cost grows with the names' total tokens, the pruned one's mostly with K.
-RANK_ALL_UP_TO = 2000
-PRUNE_KEEP = 64
+# "auto" picks rank or prune by the number of names: scoring.choose_method, shared with the Identifier.
 SCORERS = ("shared", "naive")
 # score: the best candidate's (normalised) log-likelihood for "rank", the answer's similarity to the matched name
 # (1.0 exact) for "generate"; top5 (labels, best first) only for "rank"; answer_text only for "generate";
@@ -59,16 +58,6 @@ class EvalResult:
 
 # The shards' categories (Oxford's for an older index); one reader, the shards stage's.
 read_shard_categories = read_categories
-
-
-def choose_method(method: str, num_names: int) -> tuple[str, str]:
-    """(the method to run, why): "auto" ranks all names up to RANK_ALL_UP_TO, prunes beyond."""
-    if method != "auto":
-        return method, f"{method} as configured"
-    if num_names <= RANK_ALL_UP_TO:
-        return "rank", f"auto: rank all {num_names} names (<= {RANK_ALL_UP_TO})"
-    return "prune", (f"auto: {num_names} names > {RANK_ALL_UP_TO}; rank the names under the {PRUNE_KEEP} likeliest "
-                     "first tokens per image batch")
 
 
 def _iter_batches(urls: list[str], batch_size: int, max_samples: int | None):
@@ -177,13 +166,10 @@ def evaluate_shards(
 def _rank_rows(model, batch, pixel_values, candidates: CandidateSet, encoded, normalize, candidate_batch,
                layout, keep_first_tokens=None) -> list[dict]:
     if encoded is not None:
-        loglik, num_tokens = score_candidates_naive(model, pixel_values, encoded)
+        scores = normalize_scores(*score_candidates_naive(model, pixel_values, encoded), normalize)
     else:
-        loglik, num_tokens = score_candidates_shared_prefix(
-            model, pixel_values, candidates.prefix_ids, candidates.continuations,
-            answer_start=candidates.answer_start, candidate_batch=candidate_batch, layout=layout,
-            keep_first_tokens=keep_first_tokens)
-    scores = normalize_scores(loglik, num_tokens, normalize)
+        scores = rank_candidates(model, pixel_values, candidates, normalize=normalize,
+                                 candidate_batch=candidate_batch, layout=layout, keep_first_tokens=keep_first_tokens)
     top = scores.topk(min(5, scores.shape[1]), dim=1)
     rows = []
     for i, sample in enumerate(batch):

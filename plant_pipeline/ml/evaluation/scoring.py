@@ -24,6 +24,10 @@ from plant_pipeline.ml.shards.format import IGNORE_INDEX
 from plant_pipeline.ml.shards.prompts import PromptEncoder, common_prefix_length
 
 NORMALIZE = ("mean", "sum")
+# "auto" ranks every name up to RANK_ALL_UP_TO names; beyond, it prunes to the names under the PRUNE_KEEP likeliest
+# first tokens: full ranking's cost grows with the names' total tokens, the pruned one's mostly with K.
+RANK_ALL_UP_TO = 2000
+PRUNE_KEEP = 64
 
 
 class EvaluationError(UsageError):
@@ -85,6 +89,16 @@ class CandidateSet:
             labels[: self.answer_start[c]] = IGNORE_INDEX
             pairs.append((ids, labels))
         return pairs
+
+
+def choose_method(method: str, num_names: int) -> tuple[str, str]:
+    """(the method to run, why): "auto" ranks all names up to RANK_ALL_UP_TO, prunes beyond."""
+    if method != "auto":
+        return method, f"{method} as configured"
+    if num_names <= RANK_ALL_UP_TO:
+        return "rank", f"auto: rank all {num_names} names (<= {RANK_ALL_UP_TO})"
+    return "prune", (f"auto: {num_names} names > {RANK_ALL_UP_TO}; rank the names under the {PRUNE_KEEP} likeliest "
+                     "first tokens per image batch")
 
 
 # --- Scoring ------------------------------------------------------------------------------------------------------
@@ -324,3 +338,17 @@ def normalize_scores(loglik: torch.Tensor, num_tokens: torch.Tensor, normalize: 
     if normalize == "mean":
         return loglik / num_tokens.to(loglik.dtype)
     raise EvaluationError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
+
+
+def rank_candidates(model, pixel_values: torch.Tensor, candidates: CandidateSet, *, normalize: str = "mean",
+                    candidate_batch: int = 128, layout: str = "auto",
+                    keep_first_tokens: int | None = None) -> torch.Tensor:
+    """Every candidate's normalised score for every image, float32 [B, C] on the CPU, higher is likelier: the one
+    ranking that evaluation and the Identifier share (score_candidates_shared_prefix, then normalize_scores).
+
+    Candidates pruned by ``keep_first_tokens`` score -inf.
+    """
+    loglik, num_tokens = score_candidates_shared_prefix(
+        model, pixel_values, candidates.prefix_ids, candidates.continuations, answer_start=candidates.answer_start,
+        candidate_batch=candidate_batch, layout=layout, keep_first_tokens=keep_first_tokens)
+    return normalize_scores(loglik, num_tokens, normalize)

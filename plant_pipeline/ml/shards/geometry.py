@@ -1,13 +1,15 @@
 """The processor's resize and centre crop done by PIL directly, byte for byte, without its array round trips.
 
 build_shards uses this for the uint8 pixels it stores when the processor is a plain PIL one; anything
-else goes through pixels.resize_and_crop, the processor itself.
+else goes through pixels.resize_and_crop, the processor itself. PhotoPixels is that choice made once, shared by
+the shard workers and whatever identifies a photo later, so both store and score the same bytes.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -105,3 +107,31 @@ def matches_processor(image_processor, fast: Callable[[Image.Image], np.ndarray]
                            "own (slower) path", type(image_processor).__name__, width, height)
             return False
     return True
+
+
+@dataclass(frozen=True, eq=False)
+class PhotoPixels:
+    """One upright RGB photo (images.to_rgb's) -> the uint8 [3, H, W] the shards store for it.
+
+    ``direct`` is direct_resize_and_crop's function where it applies (and matched the processor), else None and
+    the processor's own resize_and_crop runs. Called with ``out`` it writes there (PixelFormatError when the
+    pixels do not have out's shape) and returns it.
+    """
+
+    image_processor: Any
+    direct: Callable[..., np.ndarray] | None = None
+
+    @classmethod
+    def of(cls, image_processor, *, direct: bool | None = None) -> "PhotoPixels":
+        """``direct=None`` probes as build_shards does (direct_resize_and_crop, then matches_processor); True takes
+        the direct path where it applies without probing again (a build already did); False never takes it."""
+        fast = direct_resize_and_crop(image_processor) if direct is not False else None
+        if fast is not None and direct is None and not matches_processor(image_processor, fast):
+            fast = None
+        return cls(image_processor, fast)
+
+    def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        if self.direct is not None:
+            return self.direct(image, out=out)
+        pixels = resize_and_crop(self.image_processor, image)
+        return pixels if out is None else copy_into(out, pixels)

@@ -22,12 +22,11 @@ from PIL import Image, UnidentifiedImageError
 
 from plant_pipeline.ml.images import DECODE_ERRORS, PixelFormatError, to_rgb
 from plant_pipeline.ml.shards.errors import ShardBuildError
-from plant_pipeline.ml.shards.geometry import direct_resize_and_crop
-from plant_pipeline.ml.shards.pixels import resize_and_crop
+from plant_pipeline.ml.shards.geometry import PhotoPixels
 from plant_pipeline.ml.shards.prompts import load_processor
 from plant_pipeline.ml.shards.rows import Row, sample_meta
 from plant_pipeline.ml.shards.tar import member_bytes, meta_json, sample_frame, sample_nbytes
-from plant_pipeline.ml.shards.validation import SampleValidationError, validate_key, validate_pixels
+from plant_pipeline.ml.shards.validation import SampleValidationError, validate_key
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class WorkerSpec:
     local_files_only: bool
     names: tuple[str, ...]
     pixel_shape: tuple[int, int, int]
-    pil_geometry: bool  # direct_resize_and_crop applies and matched the processor on the probes
+    pil_geometry: bool  # direct_resize_and_crop applies and matched the processor on the probes (not probed again)
     tokens: dict[int, tuple[np.ndarray, np.ndarray]]  # (input_ids, labels) per class, encoded once per build
 
 
@@ -112,7 +111,7 @@ class Worker:
         self.spec, self.ring = spec, ring
         self.processor = processor or load_processor(spec.model_source, spec.revision, spec.local_files_only)
         self.image_processor = self.processor.image_processor
-        self.direct = direct_resize_and_crop(self.image_processor) if spec.pil_geometry else None
+        self.to_pixels = PhotoPixels.of(self.image_processor, direct=spec.pil_geometry)
         self.root = Path(spec.dataset_root)
         self.pixel_bytes = math.prod(spec.pixel_shape)
 
@@ -134,15 +133,6 @@ class Worker:
             return data, None, f"cannot decode image: {type(err).__name__}: {err}"
         return data, rgb, None
 
-    def pixels_into(self, key: str, rgb: Image.Image, out: np.ndarray) -> None:
-        """The processor's resize and crop of ``rgb``, checked, written into ``out``."""
-        if self.direct is not None:
-            self.direct(rgb, out=out)  # refuses an image whose pixels do not have out's shape
-            return
-        pixels = resize_and_crop(self.image_processor, rgb)
-        validate_pixels(key, pixels, self.spec.pixel_shape)
-        out[...] = pixels
-
     def write_sample(self, row: Row, slot: SlotWriter) -> tuple[int, str | None, int]:
         """Append ``row``'s sample to ``slot``: (its size, None, file bytes), or (0, reason, file bytes).
 
@@ -158,7 +148,7 @@ class Worker:
         pixels = np.frombuffer(region, np.uint8, self.pixel_bytes, len(head)).reshape(self.spec.pixel_shape)
         try:
             validate_key(row.key)
-            self.pixels_into(row.key, rgb, pixels)
+            self.to_pixels(rgb, out=pixels)  # PixelFormatError for pixels of another shape
         except PixelFormatError as err:
             return 0, f"processor rejected image: {err}", len(data)
         except SampleValidationError as err:
