@@ -31,6 +31,8 @@ from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import atomic_write_json
 from plant_pipeline.ml.model.spec import ModelSpec
 from plant_pipeline.ml.training.config import TrainConfig
+from plant_pipeline.ml.training.monitor import logger as progress_logger
+from plant_pipeline.ml.training.monitor import step_label
 from plant_pipeline.ml.training.results import TrainResult
 
 logger = logging.getLogger("plant_pipeline.ml.training.cli")
@@ -115,7 +117,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 def format_progress(record: dict) -> str:
     """One log line for a progress record from train()'s on_log."""
-    parts = [f"step {record.get('step')}/{record.get('max_steps')}"]
+    parts = [step_label(record.get("step", 0), record.get("max_steps", 0))]
     for key, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("samples_per_second", "{:.1f}"),
                      ("eta_seconds", "{:.0f}"), ("rss_mb", "{:.0f}")):
         if record.get(key) is not None:
@@ -196,13 +198,37 @@ def _key_recorder(directory: str, rank: int) -> Callable[[Callable], Callable]:
 
 # ---- main -----------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _progress_to_pipes_only(pipes):
+    """Under Pipes the progress lines reach Dagster's log through Pipes; their stderr copy, which the launcher tees
+    to the same terminal, would show each line twice. Without Pipes they stay on stderr, the only place they go."""
+    if pipes is None:
+        yield
+        return
+    before = progress_logger.level
+    progress_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        progress_logger.setLevel(before)
+
+
+def _quiet_progress_bars() -> None:
+    """No tqdm bars (loading weights, writing checkpoints): this process writes to a log file and Dagster's log,
+    where a bar is a line of noise per update."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 def run(run_file: RunFile, result_path: str | Path | None = None, record_keys: str | None = None) -> TrainResult:
     """train() with this process's rank: rank 0 writes ``result_path`` and reports to Pipes when launched by it."""
     from plant_pipeline.ml.training.run import train
 
     rank = int(os.environ.get("RANK", "0"))
     wrap_collator = _key_recorder(record_keys, rank) if record_keys else None
-    with _open_pipes(rank) as pipes:
+    _quiet_progress_bars()
+    with _open_pipes(rank) as pipes, _progress_to_pipes_only(pipes):
         def on_log(record: dict) -> None:
             if pipes is not None:
                 pipes.log.info(format_progress(record))

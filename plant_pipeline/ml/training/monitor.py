@@ -74,6 +74,11 @@ class MemoryMonitor:
         return self._peak_device_mb("mps")
 
 
+def step_label(step: int, max_steps: int) -> str:
+    """``step 20/400``; step 0 is the evaluation of the untrained model."""
+    return f"step {step}/{max_steps}" + (" (before training)" if step == 0 else "")
+
+
 def make_progress_callback(on_log: Callable[[dict], None] | None, memory: MemoryMonitor, global_batch: int):
     """A TrainerCallback reporting progress to ``on_log`` and the logger; its ``samples_per_second`` counts
     training steps only (built on call: transformers loads only when training)."""
@@ -124,13 +129,15 @@ def make_progress_callback(on_log: Callable[[dict], None] | None, memory: Memory
             if not state.is_world_process_zero:
                 return
             record = dict(logs or {})
-            record.update(step=state.global_step, max_steps=state.max_steps, rss_mb=round(memory.peak_rss_mb, 1))
+            # The evaluation before training runs before the state knows its plan (max_steps 0): the arguments do.
+            max_steps = state.max_steps or max(args.max_steps, 0)
+            record.update(step=state.global_step, max_steps=max_steps, rss_mb=round(memory.peak_rss_mb, 1))
             if self.started_at is not None and state.global_step > self.first_step:
                 elapsed = time.time() - self.started_at
                 per_step = elapsed / (state.global_step - self.first_step)
                 record["samples_per_second"] = round(self.samples_per_second, 3)
                 record["eta_seconds"] = round(per_step * max(0, state.max_steps - state.global_step), 1)
-            logger.info("step %d/%d %s", state.global_step, state.max_steps,
+            logger.info("%s %s", step_label(state.global_step, max_steps),
                         " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                                  if k not in ("step", "max_steps")))
             if on_log is not None:
