@@ -1,5 +1,9 @@
-"""``incoming_photos_sensor``: new photos under data/incoming/ launch a run that takes them in and rebuilds the shards.
+"""The sensors that launch work: ``incoming_photos_sensor`` and ``default_automation_condition_sensor``.
 
+``default_automation_condition_sensor`` evaluates the assets' automation conditions (model_evaluation is eager: a
+new trained_model is evaluated without a click). Dagster would create it stopped; declared here, it starts running.
+
+``incoming_photos_sensor``: new photos under data/incoming/ launch a run that takes them in and rebuilds the shards.
 Created stopped, as Dagster sensors and schedules are; a person turns it on in the UI (Automation). A tick only
 lists incoming/ (a stat per file) and reads the ledger: it opens no photo, so a large drop stays cheap; the run
 hashes, dedupes and decodes. The run key is derived from the path, size and mtime of the files
@@ -11,6 +15,8 @@ import json
 
 from dagster import (
     AssetKey,
+    AssetSelection,
+    AutomationConditionSensorDefinition,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -33,6 +39,17 @@ NEW_CATEGORIES_TAG = "plant_pipeline/new_categories"
 _TAG_CHARS = 200  # tag values are meant to be short: the list is cut, with the count
 _IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
               DagsterRunStatus.STARTED]
+
+
+# Dagster's name for the sensor it would add itself, so the UI and the docs about it still apply.
+default_automation_condition_sensor = AutomationConditionSensorDefinition(
+    "default_automation_condition_sensor",
+    target=AssetSelection.all(),
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Evaluates the assets' automation conditions every 30 s and launches what they ask for: "
+    "model_evaluation, eager, runs after each new trained_model. Running from the start (a Dagster daemon runs "
+    "it: `dagster dev`); stop it under Automation to evaluate by hand.",
+)
 
 
 def _digest(text: str) -> str:

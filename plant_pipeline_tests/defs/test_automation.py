@@ -3,15 +3,20 @@
 from pathlib import Path
 
 from dagster import (
+    AssetKey,
     AssetMaterialization,
     AutomationCondition,
+    AutomationConditionSensorDefinition,
+    DagsterEventType,
     DagsterInstance,
     DefaultScheduleStatus,
     DefaultSensorStatus,
     RunRequest,
     SkipReason,
+    asset,
     build_schedule_context,
     instance_for_test,
+    materialize,
 )
 
 from plant_pipeline import definitions
@@ -60,6 +65,32 @@ def test_the_incoming_photos_sensor_starts_stopped_and_launches_add_user_photos(
 def test_model_evaluation_is_evaluated_eagerly():
     [spec] = [s for s in defs.resolve_all_asset_specs() if s.key.to_user_string() == "model_evaluation"]
     assert spec.automation_condition == AutomationCondition.eager()
+
+
+def test_model_evaluation_is_evaluated_without_a_click():
+    # Dagster would add a default_automation_condition_sensor of its own, stopped until someone starts it.
+    sensor = defs.resolve_sensor_def("default_automation_condition_sensor")
+    assert isinstance(sensor, AutomationConditionSensorDefinition)
+    assert sensor.default_status == DefaultSensorStatus.RUNNING
+    assert AssetKey("model_evaluation") in sensor.asset_selection.resolve(defs.resolve_asset_graph())
+
+
+def test_the_instance_prints_info_lines_and_still_records_every_event(tmp_path, capfd):
+    import shutil
+
+    @asset
+    def chatty(context) -> None:
+        context.log.info("an info line")
+
+    shutil.copy(Path(__file__).parents[2] / "config" / "dagster.yaml", tmp_path / "dagster.yaml")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        result = materialize([chatty], instance=instance)
+        stored = {record.event_log_entry.dagster_event_type for record in
+                  instance.get_records_for_run(result.run_id).records}
+    printed = "".join(capfd.readouterr())
+    assert "an info line" in printed
+    assert " - DEBUG - " not in printed and "STEP_START" not in printed, printed
+    assert {DagsterEventType.STEP_START, DagsterEventType.RUN_SUCCESS} <= stored  # the UI's event log is whole
 
 
 def test_schedule_skips_without_shards_and_asks_for_data_prep():
