@@ -20,14 +20,18 @@ from plant_pipeline.ml.data.download import (
     RELEASE_FILES,
     ChecksumError,
     DownloadError,
+    MirrorChecksumError,
+    ReleaseSourceError,
     download_file,
     fetch_md5sums,
     fetch_release,
     md5sum,
     parse_md5sums,
+    source_cache_dir,
 )
 from plant_pipeline.ml.data.manifest import summarize_manifest
 from plant_pipeline.ml.data.oxford import build_manifest
+from plant_pipeline.ml.errors import UsageError
 from plant_pipeline_tests.data.archives import make_tgz, tar_file
 from plant_pipeline_tests.http_server import LoopbackServer, free_port
 
@@ -248,9 +252,11 @@ def test_fetch_release_over_http_then_skips_on_rerun(tmp_path, fake_release) -> 
         assert result.bytes_downloaded == 3 * 20_000
         assert result.source == srv.url
         assert seen == set(RELEASE_FILES)
-        assert {r.path for r in srv.requests} == {"/" + n for n in RELEASE_FILES}
+        # The mirror's md5sums is asked for once, before the files (this one has none: 404).
+        assert [r.path for r in srv.requests][0] == "/md5sums"
+        assert {r.path for r in srv.requests} == {"/" + n for n in RELEASE_FILES} | {"/md5sums"}
         again = fetch_release(tmp_path / "dl", base_url=base, md5=sums)
-        assert again.bytes_downloaded == 0 and len(srv.requests) == 3
+        assert again.bytes_downloaded == 0 and len(srv.requests) == 4, "a complete cache asks the mirror nothing"
     assert all(md5sum(p) == sums[n] for n, p in result.paths.items())
 
 
@@ -283,6 +289,72 @@ def test_fetch_release_argument_errors(tmp_path, fake_release) -> None:
     (root / "imagelabels.mat").unlink()
     with pytest.raises(DownloadError, match="imagelabels.mat"):
         fetch_release(tmp_path / "dl", local_dir=root, md5=sums)
+
+
+# -- a source that cannot serve the release, or serves other files -------------------------------------
+def test_unreachable_base_url_is_one_usage_error_naming_base_url_and_local_dir(tmp_path, fake_release) -> None:
+    _, sums = fake_release
+    base = f"http://127.0.0.1:{free_port()}/flowers/"  # nothing listens: connection refused
+    with pytest.raises(ReleaseSourceError) as info:
+        fetch_release(tmp_path / "dl", base_url=base, md5=sums, retries=1, backoff_s=0.01)
+    message = str(info.value)
+    assert isinstance(info.value, UsageError) and isinstance(info.value, DownloadError)
+    assert f"GET {base}102flowers.tgz failed 2 times in a row" in message
+    assert f"base_url to a reachable mirror of 102flowers.tgz, imagelabels.mat, setid.mat (now {base})" in message
+    assert "local_dir to a folder that holds them" in message
+
+
+def test_local_dir_without_a_file_names_local_dir(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    (root / "setid.mat").unlink()
+    with pytest.raises(ReleaseSourceError, match=rf"setid.mat.*local_dir to a folder holding .* \(now {root}"):
+        fetch_release(tmp_path / "dl", local_dir=root, md5=sums)
+
+
+def _listing(root: Path, sums: dict[str, str]) -> None:
+    (root / "md5sums").write_text("".join(f"{h}  {n}\n" for n, h in sums.items()))
+
+
+def test_a_mirror_whose_md5sums_differ_fails_before_downloading_and_suggests_md5_empty(tmp_path, fake_release):
+    root, sums = fake_release
+    _listing(root, sums)
+    expected = dict(sums, **{"102flowers.tgz": "0" * 32})
+    with LoopbackServer(root) as srv:
+        with pytest.raises(MirrorChecksumError) as info:
+            fetch_release(tmp_path / "dl", base_url=srv.url, md5=expected)
+        paths, url = [r.path for r in srv.requests], srv.url
+        # Agreeing files are not the problem; with md5 from the listing itself the run goes through.
+        fetch_release(tmp_path / "dl", base_url=srv.url, md5=sums)
+    assert paths == ["/md5sums"], "nothing but the listing may be downloaded"
+    message = str(info.value)
+    assert f"102flowers.tgz: expected {'0' * 32}, the mirror lists {sums['102flowers.tgz']}" in message
+    assert "imagelabels.mat" not in message and "`md5: {}`" in message and url in message
+
+
+def test_the_mini_mirror_with_the_official_checksums_fails_in_one_request(tmp_path, shared_datasets) -> None:
+    """The real case: base_url set to the mini mirror, md5 left at the official checksums."""
+    with LoopbackServer(shared_datasets / "oxford-flowers-102-mini") as srv:
+        with pytest.raises(MirrorChecksumError, match=r"102flowers.tgz: expected 52808999861908f626f3c1f4e79d11fa"):
+            fetch_release(tmp_path / "dl", base_url=srv.url)
+        assert [r.path for r in srv.requests] == ["/md5sums"]
+
+
+def test_a_checksum_mismatch_after_download_also_suggests_md5_empty(tmp_path, fake_release) -> None:
+    root, sums = fake_release
+    with LoopbackServer(root) as srv:  # no md5sums on this mirror: the mismatch shows only after the download
+        with pytest.raises(ChecksumError, match=r"setid.mat.*`md5: \{\}`"):
+            fetch_release(tmp_path / "dl", base_url=srv.url, md5=dict(sums, **{"setid.mat": "1" * 32}))
+
+
+def test_each_source_has_its_own_cache_folder(tmp_path) -> None:
+    official = source_cache_dir(tmp_path)
+    assert official == source_cache_dir(tmp_path, base_url="https://www.robots.ox.ac.uk/~vgg/data/flowers/102")
+    assert official.parent == tmp_path and official.name.startswith("www.robots.ox.ac.uk-")
+    mirror = source_cache_dir(tmp_path, base_url="http://127.0.0.1:8000/")
+    other_port = source_cache_dir(tmp_path, base_url="http://127.0.0.1:8001/")
+    local = source_cache_dir(tmp_path, base_url="http://127.0.0.1:8000/", local_dir=tmp_path / "demo_release")
+    assert len({official, mirror, other_port, local}) == 4
+    assert local.name.startswith("demo_release-") and local == source_cache_dir(tmp_path, local_dir=tmp_path / "x/../demo_release")
 
 
 def test_fetch_md5sums_reads_the_listing_and_says_what_to_do_without_one(tmp_path, fake_release) -> None:
@@ -424,3 +496,39 @@ def test_mirror_publishing_a_new_release_is_fetched_and_extracted_on_the_next_ru
     assert sorted(log) == [("/102flowers.tgz", 200), ("/md5sums", 200)]
     # Same labels, new pixels: downstream assets must see a new data version.
     assert after.tags["dagster/data_version"] != before.tags["dagster/data_version"]
+
+
+def test_a_failed_real_run_keeps_the_demos_archive_and_fails_with_one_message(tmp_path, two_releases) -> None:
+    """The demo (local_dir) and a real run (base_url, official md5) share data/oxford_flowers/: the real run's
+    failure must neither delete the demo's verified files nor bury what to change under a trace."""
+    from dagster import materialize
+
+    from plant_pipeline.defs.assets.flowers import oxford_flowers
+    from plant_pipeline.defs.resources import PipelineStorage
+
+    demo, data = two_releases[0], tmp_path / "data"
+    downloads = data / "oxford_flowers" / "downloads"
+
+    def run(config: dict):
+        return materialize([oxford_flowers], resources={"storage": PipelineStorage(data_dir=str(data))},
+                           run_config={"ops": {"oxford_flowers": {"config": config}}}, raise_on_error=False)
+
+    def cached() -> dict[str, str]:
+        return {str(p.relative_to(downloads)): md5sum(p) for p in downloads.rglob("*") if p.is_file()}
+
+    demo_config = {"local_dir": str(demo), "md5": parse_md5sums((demo / "md5sums").read_text())}
+    assert run(demo_config).success
+    before = cached()
+    assert any(name.endswith("102flowers.tgz") for name in before)
+    (tmp_path / "empty").mkdir()
+    with LoopbackServer(tmp_path / "empty") as srv:  # a mirror without the files: 404 at once, no retries
+        failed, url = run({"base_url": srv.url}), srv.url
+    assert not failed.success
+    [failure] = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failure.event_specific_data.error
+    assert error.cause is None, "the causes (urllib, sockets) add a long trace that says nothing to do"
+    assert f"GET {url}102flowers.tgz failed with HTTP 404" in error.message
+    assert "base_url to a reachable mirror" in error.message and "local_dir" in error.message
+    assert cached() == before, "the real run deleted or changed the demo's verified files"
+    [again] = run(demo_config).get_asset_materialization_events()
+    assert again.materialization.metadata["bytes_downloaded"].value == 0

@@ -3,6 +3,8 @@ source, with append-only ids)."""
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,6 +48,8 @@ from plant_pipeline.ml.data import (
     write_category_map,
     write_manifest,
 )
+from plant_pipeline.ml.data.download import source_cache_dir
+from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import sha256_file
 
 # Manifest paths are relative to the data root, so every source (the official release, later user photos)
@@ -83,6 +87,16 @@ class OxfordFlowersConfig(Config):
     )
 
 
+@contextmanager
+def _usage_errors_as_failures(asset_name: str) -> Iterator[None]:
+    """A setting to change (a UsageError) fails the step with its message alone: the message says what to do, and
+    the chain of causes under it (urllib, sockets) is ~200 lines in the UI and terminal that do not."""
+    try:
+        yield
+    except UsageError as err:
+        raise Failure(description=f"{asset_name}: {err}", metadata={"error": type(err).__name__}) from None
+
+
 def _data_version(manifest_path: Path, checksums: dict[str, str]) -> DataVersion:
     """The manifest's content hash and the release files' md5s: downstream assets go stale only when the
     data really changed, and new pixels under the same names and labels are a change."""
@@ -103,20 +117,24 @@ def oxford_flowers(
     context: AssetExecutionContext, config: OxfordFlowersConfig, storage: PipelineStorage
 ) -> MaterializeResult:
     root = storage.path(DATASET_DIR)
-    md5 = config.md5 or fetch_md5sums(root / "downloads", base_url=config.base_url, local_dir=config.local_dir)
-    fetched = fetch_release(
-        root / "downloads",
-        base_url=config.base_url,
-        local_dir=config.local_dir,
-        md5=md5,
-        progress=ProgressLog(context.log),
-    )
-    images_root = root / IMAGES_DIR
-    limits = ExtractLimits(
-        max_total_bytes=int(config.max_extracted_gib * 2**30), max_ratio=config.max_compression_ratio
-    )
-    safe_extract_tgz(fetched.paths["102flowers.tgz"], images_root, limits=limits)
-    manifest = build_manifest(images_root, fetched.paths["imagelabels.mat"], fetched.paths["setid.mat"])
+    # One folder per source: a real run that fails must not delete the demo's verified archive as stale.
+    downloads = source_cache_dir(root / "downloads", base_url=config.base_url, local_dir=config.local_dir)
+    with _usage_errors_as_failures("oxford_flowers"):
+        md5 = config.md5 or fetch_md5sums(downloads, base_url=config.base_url, local_dir=config.local_dir)
+        fetched = fetch_release(
+            downloads,
+            base_url=config.base_url,
+            local_dir=config.local_dir,
+            md5=md5,
+            progress=ProgressLog(context.log),
+            compare_listing=bool(config.md5),
+        )
+        images_root = root / IMAGES_DIR
+        limits = ExtractLimits(
+            max_total_bytes=int(config.max_extracted_gib * 2**30), max_ratio=config.max_compression_ratio
+        )
+        safe_extract_tgz(fetched.paths["102flowers.tgz"], images_root, limits=limits)
+        manifest = build_manifest(images_root, fetched.paths["imagelabels.mat"], fetched.paths["setid.mat"])
     manifest["path"] = f"{DATASET_DIR}/{IMAGES_DIR}/" + manifest["path"]
     write_manifest(manifest, storage.manifest_path)
     summary = summarize_manifest(manifest)

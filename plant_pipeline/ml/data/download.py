@@ -1,11 +1,13 @@
 """Fetch the Oxford Flowers 102 release: resumable, retried, md5-verified downloads (extraction: archive.py).
 
 Every file lands atomically (``<name>.partial`` then ``os.replace``), so a file at its final path is
-always complete and verified; re-runs skip what is already there and good.
+always complete and verified; re-runs skip what is already there and good. Each source (base URL or local
+folder) keeps its files in a folder of its own (source_cache_dir), so one source never deletes another's as stale.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
 import os
@@ -49,6 +51,14 @@ class DownloadError(PlantPipelineError, RuntimeError):
 
 class ChecksumError(UsageError):
     """A fetched file's md5 differs from the expected one; the bad bytes were deleted."""
+
+
+class MirrorChecksumError(ChecksumError):
+    """A mirror's own md5sums list other checksums than the expected ones; found before downloading anything."""
+
+
+class ReleaseSourceError(DownloadError, UsageError):
+    """The release's source (base_url or local_dir) could not serve a file; the message names both settings."""
 
 
 class _TransientError(Exception):
@@ -396,12 +406,20 @@ def fetch_release(
     local_dir: Path | None = None,
     md5: Mapping[str, str] | None = None,
     progress: ReleaseProgressFn | None = None,
+    compare_listing: bool = True,
+    retries: int = 4,
+    backoff_s: float = 0.5,
 ) -> FetchResult:
     """Fetch the three release files into ``dest_dir`` from ``base_url`` (default: the official site)
     or, without HTTP, from the folder ``local_dir``, which takes precedence when both are given.
 
     ``md5`` replaces OFFICIAL_MD5 entirely (a mirror such as the mini subset has its own checksums)
-    and must name all of RELEASE_FILES. ``progress(name, bytes_done, total)`` reports each file.
+    and must name all of RELEASE_FILES. ``progress(name, bytes_done, total)`` reports each file;
+    ``retries`` and ``backoff_s`` are download_file's. Before downloading anything over HTTP, the mirror's ``md5sums`` (where it has one) is compared with
+    ``md5`` and a disagreement raises MirrorChecksumError (``compare_listing=False`` when ``md5`` was read
+    from that very listing). A source that cannot serve a file raises ReleaseSourceError, naming
+    base_url and local_dir. Use one ``dest_dir`` per source (source_cache_dir): a file there with another
+    md5 is deleted as stale.
     """
     if md5 is None:
         expected = dict(OFFICIAL_MD5)
@@ -427,23 +445,100 @@ def fetch_release(
         if not source.endswith("/"):
             source += "/"  # urljoin would otherwise replace the last path segment
 
-    paths: dict[str, Path] = {}
-    checksums: dict[str, str] = {}
-    total_bytes = 0
+    results: dict[str, DownloadResult] = {}
     for name in RELEASE_FILES:
+        present = _existing_is_good(dest_dir / name, expected[name])
+        if present is not None:
+            logger.info("%s already present with md5 %s; not fetching it", dest_dir / name, present)
+            results[name] = DownloadResult(dest_dir / name, 0, present, resumed=False, skipped=True)
+    needed = [name for name in RELEASE_FILES if name not in results]
+    if needed and local_dir is None and compare_listing:
+        _check_mirror_listing(source, {name: expected[name] for name in needed})
+    for name in needed:
         file_progress = None
         if progress is not None:
             file_progress = (lambda n: lambda done, total: progress(n, done, total))(name)
-        if local_dir is not None:
-            result = copy_file(local_dir / name, dest_dir / name, expected[name], progress=file_progress)
-        else:
-            url = urllib.parse.urljoin(source, urllib.parse.quote(name))
-            result = download_file(url, dest_dir / name, expected[name], progress=file_progress)
-        paths[name] = result.path
-        checksums[name] = result.md5
-        total_bytes += result.bytes_downloaded
+        try:
+            if local_dir is not None:
+                result = copy_file(local_dir / name, dest_dir / name, expected[name], progress=file_progress)
+            else:
+                url = urllib.parse.urljoin(source, urllib.parse.quote(name))
+                result = download_file(url, dest_dir / name, expected[name], progress=file_progress,
+                                       retries=retries, backoff_s=backoff_s)
+        except ChecksumError as exc:
+            raise ChecksumError(
+                f"{exc} If {source} holds other files than the expected ones on purpose, give each file's md5 in "
+                f"md5, or `md5: {{}}` to read the source's own {MD5SUMS}."
+            ) from None
+        except DownloadError as exc:
+            raise ReleaseSourceError(f"{exc} {_source_fix(base_url, local_dir)}") from exc
+        results[name] = result
+    total_bytes = sum(r.bytes_downloaded for r in results.values())
     logger.info("release fetched from %s into %s (%d bytes transferred)", source, dest_dir, total_bytes)
-    return FetchResult(paths=paths, bytes_downloaded=total_bytes, checksums=checksums, source=source)
+    return FetchResult(paths={n: results[n].path for n in RELEASE_FILES}, bytes_downloaded=total_bytes,
+                       checksums={n: results[n].md5 for n in RELEASE_FILES}, source=source)
+
+
+def _source_fix(base_url: str | None, local_dir: Path | str | None) -> str:
+    """The end of every message about a source that cannot serve the release: the two settings that choose it."""
+    if local_dir is not None:
+        return (f"Set oxford_flowers' local_dir to a folder holding {', '.join(RELEASE_FILES)} (now {local_dir}), "
+                "or leave it empty to download from base_url.")
+    return (f"Set oxford_flowers' base_url to a reachable mirror of {', '.join(RELEASE_FILES)} (now "
+            f"{base_url or OFFICIAL_BASE_URL}), or local_dir to a folder that holds them (an air-gapped copy; no "
+            "network needed); a re-run resumes what was downloaded.")
+
+
+def _read_listing(url: str, timeout_s: float = 10, max_bytes: int = 1 << 20) -> str | None:
+    """The text of a small file at ``url``, or None when there is none (404) or no answer: one try, no retries."""
+    try:
+        with _open_url(url, 0, timeout_s) as response:
+            return response.read(max_bytes).decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        logger.debug("%s: HTTP %s; not checking the mirror's checksums", url, exc.code)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        # The download that follows retries and then says what to change; one failed probe must not stop it.
+        logger.info("%s: %s; not checking the mirror's checksums", url, exc)
+    return None
+
+
+def _check_mirror_listing(source: str, expected: Mapping[str, str]) -> None:
+    """Before downloading from ``source``, compare its ``md5sums`` (where it publishes one) with ``expected``:
+    a mirror of other files (a subset, a newer release) fails here in a second, not after 124 MB."""
+    url = urllib.parse.urljoin(source, MD5SUMS)
+    text = _read_listing(url)
+    if text is None:
+        return
+    try:
+        listed = parse_md5sums(text)
+    except ValueError as exc:
+        logger.warning("%s cannot be read (%s); downloading without comparing it", url, exc)
+        return
+    differ = {name: listed[name] for name in expected if name in listed and listed[name] != expected[name]}
+    if differ:
+        shown = "; ".join(f"{name}: expected {expected[name]}, the mirror lists {md5}" for name, md5 in differ.items())
+        raise MirrorChecksumError(
+            f"the mirror {source} publishes other checksums than the expected ones in its {MD5SUMS} ({shown}), so "
+            "it serves other files; nothing was downloaded. If its files are the ones you want (a subset such as "
+            "the mini mirror, a newer release), set `md5: {}` in oxford_flowers' config to use its md5sums; "
+            "otherwise point base_url at a mirror of the expected files, or give md5 for each file explicitly."
+        )
+    logger.info("%s agrees with the expected checksums of %s", url, ", ".join(sorted(expected)))
+
+
+def source_cache_dir(downloads: Path | str, *, base_url: str | None = None, local_dir: Path | str | None = None) -> Path:
+    """The folder under ``downloads`` that keeps one source's files: one per base URL or local folder, named
+    for its host (or folder) plus a hash, so a run from one source never deletes another's verified files."""
+    if local_dir is not None:
+        origin = Path(local_dir).resolve().as_uri()
+        label = Path(local_dir).resolve().name
+    else:
+        origin = base_url or OFFICIAL_BASE_URL
+        origin = origin if origin.endswith("/") else origin + "/"
+        label = urllib.parse.urlsplit(origin).hostname or "mirror"
+    label = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.")[:40] or "source"
+    return Path(downloads) / f"{label}-{hashlib.sha256(origin.encode()).hexdigest()[:10]}"
 
 
 def fetch_md5sums(dest_dir: Path, *, base_url: str | None = None, local_dir: Path | None = None) -> dict[str, str]:
@@ -456,7 +551,7 @@ def fetch_md5sums(dest_dir: Path, *, base_url: str | None = None, local_dir: Pat
     if local_dir is not None:
         listing = Path(local_dir) / MD5SUMS
         if not listing.is_file():
-            raise DownloadError(
+            raise ReleaseSourceError(
                 f"md5 is empty, so checksums are read from {listing}, which does not exist; give md5 "
                 f"explicitly or add an {MD5SUMS} file to the folder (`md5sum {' '.join(RELEASE_FILES)} > {MD5SUMS}`)"
             )
@@ -466,9 +561,10 @@ def fetch_md5sums(dest_dir: Path, *, base_url: str | None = None, local_dir: Pat
         try:
             listing = download_file(url, Path(dest_dir) / MD5SUMS, None, refresh=True).path
         except DownloadError as exc:
-            raise DownloadError(
+            raise ReleaseSourceError(
                 f"md5 is empty, so checksums are read from the mirror's {MD5SUMS}, which could not be fetched: "
-                f"{exc} To run on the files already downloaded without the mirror, give md5 explicitly."
+                f"{exc} To run on the files already downloaded without the mirror, give md5 explicitly. "
+                f"{_source_fix(base_url, local_dir)}"
             ) from exc
     try:
         return parse_md5sums(listing.read_text())
