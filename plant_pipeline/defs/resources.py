@@ -1,19 +1,26 @@
-"""Resources: where the pipeline keeps its data, which model it uses, and where it logs its experiments.
+"""Resources: where the pipeline keeps its data, which model it uses, and where it logs its experiments; and the
+environment's run-config defaults.
 
 All are bound to an environment rather than a run, so they are resources. The code location binds them in
 ``resources()`` below: to ``PLANT_PIPELINE_DATA_DIR``, ``PLANT_PIPELINE_MODEL``, ``MLFLOW_TRACKING_URI`` and
 ``MLFLOW_EXPERIMENT_NAME`` through ``dagster.EnvVar`` where those are set (the UI's resource tab then names the
 variable), else to the defaults.
+
+``PLANT_PIPELINE_RUN_CONFIG`` names run-config files whose values become the defaults of the assets' config
+(``with_run_config_defaults``): what ``make dev`` sets after ``make demo``, so every launch in that UI (the
+Launchpad, *Materialize all*, sensors, the schedule, automation) runs on the demo's data and settings.
 """
 
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource, Definitions, EnvVar, definitions
-from pydantic import Field
+import pydantic
+from dagster import Config, ConfigurableResource, Definitions, EnvVar, config_from_files, definitions
+from pydantic import Field, create_model
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.ml.data import INCOMING_DIR
+from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
 from plant_pipeline.ml.training import (
     DEFAULT_EXPERIMENT,
@@ -25,7 +32,62 @@ from plant_pipeline.ml.training import (
 
 DATA_DIR_ENV = "PLANT_PIPELINE_DATA_DIR"
 MODEL_ENV = "PLANT_PIPELINE_MODEL"
+RUN_CONFIG_ENV = "PLANT_PIPELINE_RUN_CONFIG"
 DEFAULT_DATA_DIR = "data"
+
+
+class RunConfigDefaultsError(UsageError):
+    """A file named by PLANT_PIPELINE_RUN_CONFIG that is missing, or sets a field an asset does not have."""
+
+
+def run_config_files() -> list[str]:
+    """The files ``PLANT_PIPELINE_RUN_CONFIG`` names (separated by ``os.pathsep``), in order; [] when unset."""
+    return [part for part in os.environ.get(RUN_CONFIG_ENV, "").split(os.pathsep) if part.strip()]
+
+
+def run_config_defaults(op: str) -> dict:
+    """``op``'s config in the files ``PLANT_PIPELINE_RUN_CONFIG`` names, merged as ``-c a.yaml -c b.yaml`` merges
+    them (the later winning); {} when the variable is unset or the files do not configure ``op``."""
+    files = run_config_files()
+    if not files:
+        return {}
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise RunConfigDefaultsError(
+            f"{RUN_CONFIG_ENV} names {missing}, which do not exist; expected run-config YAML files separated by "
+            f"{os.pathsep!r}. Run `make demo` again to write the demo's, or unset {RUN_CONFIG_ENV}.")
+    return dict(((config_from_files(files).get("ops") or {}).get(op) or {}).get("config") or {})
+
+
+def with_run_config_defaults(config_cls: type[Config], op: str) -> type[Config]:
+    """``config_cls`` with ``op``'s values in ``PLANT_PIPELINE_RUN_CONFIG``'s files as its field defaults.
+
+    Called where the asset's config class is declared, so the defaults hold when the code location loads (the
+    config schema is fixed when the asset is decorated) and in every run it launches, which loads the code in the
+    same environment. Without the variable, or values for ``op``, ``config_cls`` itself. A run's own config still
+    wins over these defaults.
+    """
+    values = run_config_defaults(op)
+    if not values:
+        return config_cls
+    fields = config_cls.model_fields
+    source = f"{RUN_CONFIG_ENV} ({os.pathsep.join(run_config_files())}), ops.{op}.config"
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise RunConfigDefaultsError(f"{source} sets {unknown}, which {op}'s config does not have; it has "
+                                     f"{sorted(fields)}. Fix or remove those keys.")
+    # The given fields alone, by their types: the others keep their own defaults.
+    probe = create_model(f"{config_cls.__name__}Defaults", **{name: (fields[name].annotation, ...) for name in values})
+    try:
+        probe.model_validate(values)
+    except pydantic.ValidationError as error:
+        shown = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                          for e in error.errors())
+        raise RunConfigDefaultsError(f"{source}: {shown}. Fix those values.") from None
+    overrides = {name: (fields[name].annotation, Field(default=value, description=fields[name].description))
+                 for name, value in values.items()}
+    return create_model(config_cls.__name__, __base__=config_cls, __doc__=config_cls.__doc__,
+                        __module__=config_cls.__module__, **overrides)
 
 
 class PipelineStorage(ConfigurableResource):

@@ -1,14 +1,23 @@
-"""config_from_dataclass / to_dataclass: a core dataclass config becomes Launchpad config and back, still validated."""
+"""config_from_dataclass / to_dataclass: a core dataclass config becomes Launchpad config and back, still validated;
+with_run_config_defaults: the environment's run config (PLANT_PIPELINE_RUN_CONFIG) as a config's defaults."""
 # No `from __future__ import annotations`: Dagster reads the asset's config annotation at runtime.
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pydantic
 import pytest
-from dagster import Config, MaterializeResult, asset, materialize
+from dagster import Config, MaterializeResult, asset, config_from_files, materialize
 from pydantic import Field
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
+from plant_pipeline.defs.resources import (
+    RUN_CONFIG_ENV,
+    RunConfigDefaultsError,
+    run_config_defaults,
+    with_run_config_defaults,
+)
 from plant_pipeline.ml.training.run import TrainConfig, TrainConfigError
 
 
@@ -103,3 +112,80 @@ def test_generated_config_works_as_asset_run_config():
     assert not invalid.success
     [failure] = [e for e in invalid.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "steps must be >= 1" in str(failure.event_specific_data.error)
+
+
+# ---- PLANT_PIPELINE_RUN_CONFIG: the environment's run config as the assets' config defaults (make dev) --------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _point_at(monkeypatch, *files) -> None:
+    monkeypatch.setenv(RUN_CONFIG_ENV, os.pathsep.join(str(f) for f in files))
+
+
+def test_run_config_files_become_the_config_defaults_the_later_file_winning(tmp_path, monkeypatch):
+    (tmp_path / "a.yaml").write_text("ops:\n  knobs:\n    config: {steps: 5, names: [x]}\n  other: {config: {n: 1}}\n")
+    (tmp_path / "b.yaml").write_text("ops:\n  knobs:\n    config: {steps: 7}\n")
+    _point_at(monkeypatch, tmp_path / "a.yaml", tmp_path / "b.yaml")
+    config_cls = with_run_config_defaults(KnobsConfig, "knobs")
+    assert config_cls.__name__ == "KnobsConfig" and issubclass(config_cls, KnobsConfig)
+    assert (config_cls(label="x").steps, config_cls(label="x").names, config_cls(label="x").rate) == (7, ["x"], None)
+    assert config_cls.model_fields["steps"].description == "How many steps, at least 1."
+
+    # An asset declared with it runs on those defaults without any run config; a run's config still wins.
+    @asset
+    def knobs(config: config_cls) -> MaterializeResult:
+        return MaterializeResult(metadata={"steps": config.steps})
+
+    def steps(run_config) -> int:
+        [event] = materialize([knobs], run_config=run_config).get_asset_materialization_events()
+        return event.materialization.metadata["steps"].value
+
+    assert steps({"ops": {"knobs": {"config": {"label": "x"}}}}) == 7
+    assert steps({"ops": {"knobs": {"config": {"label": "x", "steps": 2}}}}) == 2
+
+
+def test_without_the_variable_or_values_the_class_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.delenv(RUN_CONFIG_ENV, raising=False)
+    assert with_run_config_defaults(KnobsConfig, "knobs") is KnobsConfig
+    (tmp_path / "a.yaml").write_text("ops:\n  other: {config: {n: 1}}\n")
+    _point_at(monkeypatch, tmp_path / "a.yaml")
+    assert with_run_config_defaults(KnobsConfig, "knobs") is KnobsConfig
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ops:\n  knobs: {config: {stepz: 5}}\n", r"sets \['stepz'\], which knobs's config does not have"),
+    ("ops:\n  knobs: {config: {steps: many}}\n", r"steps: .*many"),
+])
+def test_a_wrong_key_or_value_is_named_when_the_code_location_loads(tmp_path, monkeypatch, text, message):
+    (tmp_path / "a.yaml").write_text(text)
+    _point_at(monkeypatch, tmp_path / "a.yaml")
+    with pytest.raises(RunConfigDefaultsError, match=message) as error:
+        with_run_config_defaults(KnobsConfig, "knobs")
+    assert RUN_CONFIG_ENV in str(error.value) and str(tmp_path / "a.yaml") in str(error.value)
+
+
+def test_a_missing_file_says_how_to_write_it(tmp_path, monkeypatch):
+    _point_at(monkeypatch, tmp_path / "gone.yaml")
+    with pytest.raises(RunConfigDefaultsError, match="gone.yaml.*do not exist.*make demo"):
+        with_run_config_defaults(KnobsConfig, "knobs")
+
+
+def test_the_demo_run_config_fits_every_asset_it_configures(monkeypatch):
+    # What `make dev` sets after `make demo`: each value must be a field of that asset's config.
+    from plant_pipeline.defs.assets.evaluation import ModelEvaluationConfig
+    from plant_pipeline.defs.assets.flowers import OxfordFlowersConfig
+    from plant_pipeline.defs.assets.shards import FlowerShardsConfig
+    from plant_pipeline.defs.assets.training import TrainedModelConfig
+
+    classes = {"oxford_flowers": OxfordFlowersConfig, "flower_shards": FlowerShardsConfig,
+               "trained_model": TrainedModelConfig, "model_evaluation": ModelEvaluationConfig}
+    demo = REPO / "config" / "demo.yaml"
+    _point_at(monkeypatch, demo)
+    unknown = set(config_from_files([str(demo)])["ops"]) - set(classes)
+    assert not unknown, f"config/demo.yaml configures {unknown}: add their config classes here"
+    for op, config_cls in classes.items():
+        defaults = with_run_config_defaults(config_cls, op)
+        assert defaults is not config_cls
+        for name, value in run_config_defaults(op).items():
+            assert defaults.model_fields[name].default == value, (op, name)

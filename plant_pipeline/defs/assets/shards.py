@@ -19,15 +19,16 @@ from plant_pipeline.defs.assets.user_photos import user_photos
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage, with_run_config_defaults
 from plant_pipeline.ml import shards as core
 from plant_pipeline.ml.data import CategoryMap, combine_manifests, read_category_map, read_manifest, read_user_manifest
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.shards import INDEX_FILE, CheckOutcome, ShardConfig
 
-FlowerShardsConfig = config_from_dataclass(
+# Defaults from PLANT_PIPELINE_RUN_CONFIG's files where it is set (make dev after make demo).
+FlowerShardsConfig = with_run_config_defaults(config_from_dataclass(
     "FlowerShardsConfig", ShardConfig, "How flower_shards cuts the shards and parallelises the preprocessing."
-)
+), "flower_shards")
 
 
 def training_manifest(storage: PipelineStorage) -> tuple[pd.DataFrame, CategoryMap, list[str]]:
