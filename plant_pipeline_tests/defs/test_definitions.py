@@ -60,7 +60,7 @@ CHECKS = {
 }
 JOBS = {"prepare_data", "add_user_photos", "train_and_evaluate", "full_pipeline"}
 SCHEDULES = {"retraining_schedule"}
-SENSORS = {"incoming_photos_sensor", "dead_run_reaper"}
+SENSORS = {"incoming_photos_sensor", "dead_run_reaper", "default_automation_condition_sensor"}
 # Assets whose run config a person sets in the Launchpad.
 CONFIGURED = {"oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map", "user_photos",
               "flower_shards", "trained_model", "model_evaluation", "production_model"}

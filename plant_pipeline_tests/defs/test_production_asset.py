@@ -120,3 +120,44 @@ def test_the_model_already_in_production_is_not_promoted_twice(pipeline):
     again = run(0.5, b"same")
     assert again["promoted"] is False and f"already in production as {first['model_id']}" in again["reason"]
     assert len(list((storage.path("production", "models")).iterdir())) == 1
+    # A production folder someone removed is replaced, not compared with.
+    shutil.rmtree(storage.path("production", "models", first["model_id"]))
+    shutil.rmtree(Path(storage.path()).parent / "trained")
+    restored = run(0.1, b"same")
+    assert restored["promoted"] is True and "first production model" in restored["reason"]
+    assert Path(read_pointer(storage.path()).model_path).is_dir()
+
+
+@pytest.mark.slow
+def test_after_the_real_graph_the_identifier_serves_the_promoted_model(tmp_path, tiny_model_dir, tiny_processor):
+    """trained_model -> model_evaluation -> production_model on toy shards (~50 s on 2 cores), then
+    Identifier.load() follows the pointer: what `make demo` leaves for `plant-pipeline identify`."""
+    from PIL import Image
+
+    from plant_pipeline.defs.assets.training import trained_model
+    from plant_pipeline.defs.resources import TrackingResource
+    from plant_pipeline.ml.data.categories import CategoryMap
+    from plant_pipeline.ml.serving.identifier import Identifier
+    from plant_pipeline.ml.testing import write_toy_shards
+
+    storage = PipelineStorage(data_dir=str(tmp_path / "data"))
+    model = ModelResource(model_name=str(tiny_model_dir), local_files_only=True, device="cpu")
+    categories = CategoryMap(("red rose", "blue iris", "green fern", "white daisy"), source="image_folder")
+    write_toy_shards(storage.shards_dir(model.spec(storage).slug), tiny_processor, categories=categories)
+    train = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 3e-3, "warmup_ratio": 0.0,
+             "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "dataloader_num_workers": 0, "shuffle_buffer": 16,
+             "max_eval_samples": 8, "report_to": "none"}
+    evaluation = {"batch_size": 8, "compare_with_base": False, "accuracy_floor": 0.0}
+    with DagsterInstance.ephemeral() as instance:
+        result = materialize([trained_model, model_evaluation, production_model], instance=instance,
+                             resources={"storage": storage, "model": model, "tracking": TrackingResource()},
+                             run_config={"ops": {"trained_model": {"config": train},
+                                                 "model_evaluation": {"config": evaluation}}})
+    assert result.success
+    production = read_pointer(storage.path())
+    assert production is not None and production.metrics["num_categories"] == 4
+    identifier = Identifier.load(data_dir=storage.path(), device="cpu")
+    [answer] = identifier.identify([Image.new("RGB", (40, 30), (200, 10, 10))], top_k=4)
+    assert answer.model_id == production.model_id and answer.data_version == production.data_version
+    assert {guess.name for guess in answer.guesses} == set(categories.names)
+    assert sum(guess.score for guess in answer.guesses) == pytest.approx(1.0)

@@ -92,6 +92,11 @@ def production_model(context: AssetExecutionContext, config: ProductionModelConf
     candidate_path = Path(evaluation["model_path"])
     metrics = {key: evaluation[key] for key in METRICS if evaluation.get(key) is not None}
     current = read_pointer(storage.path())
+    if current is not None and not Path(current.model_path).is_dir():
+        # Compare with nothing rather than keep pointing at a folder no reader can load.
+        context.log.warning(f"production model {current.model_id}'s folder {current.model_path} is gone; deciding "
+                            "as if nothing were in production")
+        current = None
     spec = model.spec(storage)
     shards_dir = storage.shards_dir(spec.slug)
     categories = read_shard_categories(shards_dir)
