@@ -10,23 +10,31 @@ from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 _TYPES = {"i": "int", "u": "int", "f": "float", "b": "bool"}
 
 
-def _plain(value):
-    """A value TableRecord accepts: python scalars only, NaN as None."""
+def _plain(value, digits: int | None = None):
+    """A value TableRecord accepts: python scalars only, NaN as None, floats rounded to ``digits`` when given."""
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and digits is not None:
+        return round(value, digits)
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     return value
 
 
-def table(df: pd.DataFrame, limit: int | None = None) -> MetadataValue:
-    """A DataFrame as a UI table (first ``limit`` rows)."""
+def table(df: pd.DataFrame, limit: int | None = None, digits: int | None = None) -> MetadataValue:
+    """A DataFrame as a UI table (first ``limit`` rows), floats rounded to ``digits`` decimals when given: the
+    table is for reading, the exact values stay in the files it comes from."""
     rows = df if limit is None else df.head(limit)
     schema = TableSchema(columns=[TableColumn(str(c), _TYPES.get(df[c].dtype.kind, "string")) for c in df.columns])
-    records = [TableRecord({str(c): _plain(v) for c, v in row.items()}) for _, row in rows.iterrows()]
+    records = [TableRecord({str(c): _plain(v, digits) for c, v in row.items()}) for _, row in rows.iterrows()]
     return MetadataValue.table(records=records, schema=schema)
+
+
+def rounded(value: float | None, digits: int = 4) -> float | None:
+    """A float a person reads in the UI, to ``digits`` decimals (Dagster shows all 17 digits otherwise)."""
+    return None if value is None else round(float(value), digits)
 
 
 def image(png: bytes | Path, caption: str = "") -> MetadataValue:

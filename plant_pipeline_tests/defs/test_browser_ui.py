@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, MarkdownMetadataValue
 
 from plant_pipeline import definitions
 from plant_pipeline.ml.data.demo_release import make_demo_release
@@ -234,3 +234,39 @@ def test_model_evaluation_latest_materialisation_shows_the_per_class_table(page,
     assert rows.count() == len(per_class.records) == 102
     names = rows.locator("td:nth-child(2)").all_inner_texts()
     assert names == [record.data["name"] for record in per_class.records]
+
+
+# Every <img> of the open dialog once loaded: [start of src, natural width]; a broken picture has width 0.
+_DIALOG_IMAGES_JS = """() => Array.from(document.querySelectorAll('[role=dialog] img')).map(
+    i => [i.getAttribute('src').slice(0, 40), i.naturalWidth])"""
+_DIALOG_IMAGES_LOADED_JS = "() => Array.from(document.querySelectorAll('[role=dialog] img')).every(i => i.complete)"
+
+
+def test_model_evaluation_markdown_shows_no_broken_picture(page, ui):
+    """Each Markdown entry (the report, the figures) opened in its dialog: every picture loads and fits the
+    dialog, and the report links to no file beside it (relative links lead nowhere in the UI)."""
+    with DagsterInstance.from_config(str(ui.dagster_home)) as instance:
+        event = instance.get_latest_materialization_event(AssetKey("model_evaluation"))
+    metadata = event.asset_materialization.metadata
+    markdown = [key for key, value in metadata.items() if isinstance(value, MarkdownMetadataValue)]
+    assert {"report", "confusion_matrix", "per_class_accuracy"} <= set(markdown)
+
+    page.goto(f"{ui.url}/assets/model_evaluation?view=events")
+    page.get_by_text(f"Materialized in run {ui.setup_run_id[:8]}").wait_for()
+    pictures = {}
+    for key in markdown:
+        row = page.locator("tr").filter(has=page.get_by_role("cell", name=key, exact=True))
+        row.get_by_text("[Show Markdown]").click()
+        dialog = page.get_by_role("dialog")
+        dialog.wait_for()
+        page.wait_for_function(_DIALOG_IMAGES_LOADED_JS)
+        pictures[key] = page.evaluate(_DIALOG_IMAGES_JS)
+        width = dialog.evaluate("d => d.clientWidth")
+        assert all(0 < natural <= width for _, natural in pictures[key]), (key, pictures[key], width)
+        if key == "report":
+            hrefs = dialog.locator("a[href]").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+            assert all(re.match(r"https?://", href) for href in hrefs), hrefs
+            assert dialog.get_by_text(f"Evaluation of {Path(metadata['model_path'].value).name}").is_visible()
+        page.keyboard.press("Escape")
+        dialog.wait_for(state="hidden")
+    assert pictures["confusion_matrix"] and pictures["per_class_accuracy"], pictures

@@ -1,28 +1,24 @@
-"""Tests of metrics.py, plots.py and report.py on hand-made predictions: per-class table, summary, confusion, comparison, report."""
+"""Tests of metrics.py on hand-made predictions: per-class table, summary, confusion, comparison.
+
+predictions_frame and hand_made_predictions are shared with test_plots.py and test_report.py."""
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
-from plant_pipeline.ml.data.categories import CATEGORY_NAMES, NUM_CLASSES
 from plant_pipeline.ml.evaluation.metrics import (
     UNMATCHED,
+    class_label,
     compare,
     confusion_matrix,
     missing_classes,
     per_class_table,
     summary_metrics,
 )
-from plant_pipeline.ml.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy
-from plant_pipeline.ml.evaluation.report import PREDICTIONS_FILE, read_report, write_report
 
 NAMES = ("aster", "bluebell", "crocus", "daisy")
 
@@ -41,11 +37,15 @@ def predictions_frame(pairs, top5=None) -> pd.DataFrame:
     return frame
 
 
-@pytest.fixture
-def hand_made() -> pd.DataFrame:
+def hand_made_predictions() -> pd.DataFrame:
     # aster: 3/3 right; bluebell: 0/2, both taken for crocus; crocus: 1/2, the miss unmatched; daisy: no images.
     return predictions_frame([(0, 0), (0, 0), (0, 0), (1, 2), (1, 2), (2, 2), (2, None)],
                              top5=[[0, 1], [0, 1], [0, 2], [2, 1], [2, 1], [2, 0], [3, 0]])
+
+
+@pytest.fixture
+def hand_made() -> pd.DataFrame:
+    return hand_made_predictions()
 
 
 def test_per_class_table_counts_orders_and_names_the_confusion(hand_made):
@@ -94,13 +94,15 @@ def test_compare_with_and_without_a_previous_run(hand_made):
     summary, table = summary_metrics(hand_made, NAMES), per_class_table(hand_made, NAMES)
     first = compare(summary, table, None)
     assert first["delta_top1"] is None and first["classes_worse"] == [] and not first["has_previous"]
+    assert first["classes_worse_ids"] == [] and first["classes_better_ids"] == []
 
     before = predictions_frame([(0, 0), (0, 1), (0, 0), (1, 1), (1, 2), (2, 2), (2, 2), (3, 3)])
     delta = compare(summary, table, summary_metrics(before, NAMES), per_class_table(before, NAMES))
     assert delta["delta_top1"] == pytest.approx(4 / 7 - 6 / 8)
     assert delta["delta_macro"] == pytest.approx(0.5 - (2 / 3 + 0.5 + 1 + 1) / 4)
     assert delta["classes_worse"] == ["bluebell", "crocus"]  # both -0.5: by id; daisy has no images now
-    assert delta["classes_better"] == ["aster"]
+    assert delta["classes_worse_ids"] == [1, 2]
+    assert delta["classes_better"] == ["aster"] and delta["classes_better_ids"] == [0]
 
 
 def test_compare_lists_the_biggest_drop_first():
@@ -109,82 +111,5 @@ def test_compare_lists_the_biggest_drop_first():
     delta = compare(summary_metrics(now, NAMES), per_class_table(now, NAMES),
                     summary_metrics(before, NAMES), per_class_table(before, NAMES))
     assert delta["classes_worse"] == ["bluebell", "aster"]  # -1.0, then -0.5
-
-
-def _png_size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as image:
-        image.verify()
-    with Image.open(io.BytesIO(data)) as image:
-        assert image.format == "PNG"
-        return image.size
-
-
-def test_confusion_matrix_plot_of_102_classes(tmp_path):
-    rng = np.random.default_rng(0)
-    labels = np.repeat(np.arange(NUM_CLASSES), 3)
-    predicted = np.where(rng.random(len(labels)) < 0.7, labels, rng.integers(0, NUM_CLASSES, len(labels)))
-    frame = predictions_frame(list(zip(labels.tolist(), predicted.tolist())))
-    data = plot_confusion_matrix(confusion_matrix(frame, NUM_CLASSES), CATEGORY_NAMES, tmp_path / "cm.png")
-    assert (tmp_path / "cm.png").read_bytes() == data
-    assert _png_size(data) == (1400, 1200)
-    assert not list(tmp_path.glob("*.partial"))
-    with pytest.raises(ValueError, match="does not match"):
-        plot_confusion_matrix(np.zeros((3, 3)), NAMES)
-
-
-def test_per_class_accuracy_plot(hand_made, tmp_path):
-    data = plot_per_class_accuracy(per_class_table(hand_made, NAMES), tmp_path / "acc.png")
-    width, height = _png_size((tmp_path / "acc.png").read_bytes())
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 600 <= width <= 4000 and height == 600
-
-
-def test_write_report_and_read_it_back(hand_made, tmp_path):
-    summary, table = summary_metrics(hand_made, NAMES), per_class_table(hand_made, NAMES)
-    comparison = compare(summary, table, {**summary, "top1_accuracy": 0.9}, table)
-    images = {"confusion_matrix.png": plot_confusion_matrix(confusion_matrix(hand_made, 4), NAMES)}
-    existing = tmp_path / "elsewhere.png"
-    existing.write_bytes(plot_per_class_accuracy(table))
-    report = write_report(tmp_path / "report", summary, table, comparison,
-                          {**images, "per_class_accuracy.png": existing}, hand_made)
-
-    text = report.read_text()
-    assert report.name == "report.md"
-    assert "| top1_accuracy | 0.5714 |" in text and f"top-1 accuracy: {4 / 7 - 0.9:+.4f}" in text
-    assert "](confusion_matrix.png)" in text and "](../elsewhere.png)" in text
-    assert text.index("| bluebell |") < text.index("| aster |")  # worst class first
-    assert "Classes without test images (1): daisy" in text
-    assert _png_size((tmp_path / "report" / "confusion_matrix.png").read_bytes())[0] > 100
-    assert not list((tmp_path / "report").glob("*.partial"))
-
-    predictions = pd.read_parquet(tmp_path / "report" / PREDICTIONS_FILE)
-    assert len(predictions) == 7 and list(predictions["top5"][0]) == [0, 1]
-    summary_back, table_back = read_report(tmp_path / "report")
-    assert summary_back == json.loads(json.dumps(summary))
-    pd.testing.assert_frame_equal(table_back, table, check_dtype=False)
-    assert read_report(tmp_path / "nothing") is None
-
-
-def test_report_without_a_previous_run(hand_made, tmp_path):
-    summary, table = summary_metrics(hand_made, NAMES), per_class_table(hand_made, NAMES)
-    text = write_report(tmp_path, summary, table, compare(summary, table, None), {}).read_text()
-    assert "No previous evaluation to compare with." in text
-    assert not (tmp_path / PREDICTIONS_FILE).exists()
-
-
-def test_a_predictions_write_that_fails_halfway_keeps_the_previous_file(hand_made, tmp_path, monkeypatch):
-    summary, table = summary_metrics(hand_made, NAMES), per_class_table(hand_made, NAMES)
-    write_report(tmp_path, summary, table, None, {}, hand_made)
-    before = (tmp_path / PREDICTIONS_FILE).read_bytes()
-
-    def half_then_fail(frame, target, **kwargs):
-        if isinstance(target, (str, os.PathLike)):
-            target = open(target, "wb")  # noqa: SIM115 (left open, as a crash would)
-        target.write(before[: len(before) // 2])
-        raise OSError("disk full")
-
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
-        write_report(tmp_path, summary, table, None, {}, hand_made)
-    assert (tmp_path / PREDICTIONS_FILE).read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["report.md", "summary.json", "per_class.csv",
-                                                                  PREDICTIONS_FILE]), "a partial file was left"
+    assert [class_label(i, n) for i, n in zip(delta["classes_worse_ids"], delta["classes_worse"])] == \
+        ["1 bluebell", "0 aster"]

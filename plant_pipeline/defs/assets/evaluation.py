@@ -18,7 +18,7 @@ from dagster import (
 from pydantic import Field
 
 from plant_pipeline.defs.locks import locked_output
-from plant_pipeline.defs.metadata import image, table
+from plant_pipeline.defs.metadata import image, rounded, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.evaluation import (
     compare,
@@ -32,6 +32,8 @@ from plant_pipeline.ml.evaluation import (
     summary_metrics,
     write_report,
 )
+from plant_pipeline.ml.evaluation.metrics import class_label
+from plant_pipeline.ml.evaluation.report import PER_CLASS_FILE, PREDICTIONS_FILE, SUMMARY_FILE, report_markdown
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.shards import INDEX_FILE
 from plant_pipeline.ml.training import check_tracking_store, load_trained
@@ -62,6 +64,31 @@ def _latest_metadata(context: AssetExecutionContext, asset_name: str) -> dict | 
 
 # The full per-class table goes to per_class.csv; the UI shows its worst rows only.
 METADATA_ROWS = 200
+# What people read is rounded to this many decimals; top1/macro/top5_accuracy and summary.json stay exact for
+# the checks and the comparisons that read them.
+SHOWN_DIGITS = 4
+
+
+def _labelled(names: list[str], ids: list[int]) -> list[str]:
+    """Classes as people read them in a list: "12 sunflower"."""
+    return [class_label(i, name) for i, name in zip(ids, names)][:METADATA_ROWS]
+
+
+def _summary_line(summary) -> str:
+    """The accuracies as a person reads them: "top-1 0.8123, macro 0.7990, top-5 0.9512 on 1020 test images"."""
+    parts = [f"{label} {summary[key]:.{SHOWN_DIGITS}f}" for label, key in
+             (("top-1", "top1_accuracy"), ("macro", "macro_accuracy"), ("top-5", "top5_accuracy"))
+             if summary.get(key) is not None]
+    return ", ".join(parts) + f" on {summary['num_test_images']} test images"
+
+
+def _ui_report(summary, per_class, comparison, title: str, figures: list[str], files: list[str]) -> str:
+    """report.md for Dagster's UI, where its relative links would lead nowhere (broken pictures, dead links): the
+    figures and files are named as this materialisation's metadata entries instead."""
+    footer = ("Figures: the " + " and ".join(f"**{name}**" for name in figures) + " entries of this "
+              "materialisation. Files: the " + ", ".join(f"**{name}**" for name in files) + " entries, in the "
+              "folder of **report_path** with report.md.")
+    return report_markdown(summary, per_class, comparison, title=title, footer=footer)
 
 
 def _evaluate(model, processor, shards_dir: Path, config: ModelEvaluationConfig, context, label: str):
@@ -137,11 +164,15 @@ def model_evaluation(
     categories = read_shard_categories(shards_dir)
     figures = evaluation_figures(result.predictions, per_class, categories.names)
     report_dir = storage.path("reports", context.run.run_id)
-    report = write_report(report_dir, summary, per_class, vs_previous, figures, result.predictions,
-                          title=f"Evaluation of {trained['model_path']}")
+    # The model folder names the run identity; its absolute path is in model_path.
+    title = f"Evaluation of {Path(trained['model_path']).name}"
+    write_report(report_dir, summary, per_class, vs_previous, figures, result.predictions, title=title)
+    figure_keys = [file.removesuffix(".png") for file in figures]
+    files = {"summary_path": SUMMARY_FILE, "per_class_path": PER_CLASS_FILE, "predictions_path": PREDICTIONS_FILE}
 
     top1 = summary["top1_accuracy"]
     missing = missing_classes(per_class)
+    missing_ids = sorted(per_class.loc[per_class["test_images"] == 0, "category_id"].tolist())
     previous_top1 = previous_report[0]["top1_accuracy"] if previous_report else None
     checks = [
         AssetCheckResult(
@@ -152,19 +183,20 @@ def model_evaluation(
         AssetCheckResult(
             check_name="no_regression",
             passed=previous_top1 is None or top1 >= previous_top1 - config.regression_margin,
-            metadata={"top1_accuracy": top1, "previous_top1_accuracy": previous_top1, "margin": config.regression_margin},
+            metadata={"top1_accuracy": top1, "previous_top1_accuracy": previous_top1,
+                      "margin": config.regression_margin},
         ),
         AssetCheckResult(
             check_name="coverage", passed=not missing and summary["num_classes_scored"] == len(categories),
             metadata={"classes_scored": summary["num_classes_scored"], "num_categories": len(categories),
-                      "classes_without_test_images": missing[:METADATA_ROWS],
+                      "classes_without_test_images": _labelled(missing, missing_ids),
                       "num_classes_without_test_images": len(missing)},
         ),
     ]
-    top5 = summary["top5_accuracy"]
-    context.log.info(f"top-1 {top1:.3f}, macro {summary['macro_accuracy']:.3f}"
-                     + (f", top-5 {top5:.3f}" if top5 is not None else ""))
+    shown = _summary_line(summary)
+    context.log.info(shown)
     metadata = {
+        "summary": shown,
         "top1_accuracy": top1,
         "macro_accuracy": summary["macro_accuracy"],
         "top5_accuracy": summary["top5_accuracy"],
@@ -177,14 +209,13 @@ def model_evaluation(
         "category_source": categories.source,
         "model_path": MetadataValue.path(str(trained["model_path"])),
         "report_path": MetadataValue.path(str(report_dir)),
-        "report": MetadataValue.md(report.read_text()),
-        "per_class": table(per_class, limit=METADATA_ROWS),
-        "per_class_path": MetadataValue.path(str(report_dir / "per_class.csv")),
-        **{file.removesuffix(".png"): image(png, file.removesuffix(".png").replace("_", " "))
-           for file, png in figures.items()},
-        "delta_top1_vs_previous": vs_previous["delta_top1"],
-        "delta_macro_vs_previous": vs_previous["delta_macro"],
-        "classes_worse_than_previous": vs_previous["classes_worse"][:METADATA_ROWS],
+        "report": MetadataValue.md(_ui_report(summary, per_class, vs_previous, title, figure_keys, list(files))),
+        **{key: MetadataValue.path(str(report_dir / file)) for key, file in files.items()},
+        "per_class": table(per_class, limit=METADATA_ROWS, digits=SHOWN_DIGITS),
+        **{key: image(png, key.replace("_", " ")) for key, png in zip(figure_keys, figures.values())},
+        "delta_top1_vs_previous": rounded(vs_previous["delta_top1"], SHOWN_DIGITS),
+        "delta_macro_vs_previous": rounded(vs_previous["delta_macro"], SHOWN_DIGITS),
+        "classes_worse_than_previous": _labelled(vs_previous["classes_worse"], vs_previous["classes_worse_ids"]),
     }
     if mlflow_run:
         log_evaluation(trained["mlflow_tracking_uri"], mlflow_run, summary, report_dir, step=trained.get("steps", 0))
@@ -192,7 +223,8 @@ def model_evaluation(
         if "mlflow_run" in trained:
             metadata["mlflow_run"] = MetadataValue.url(trained["mlflow_run"])
     if vs_base is not None:
-        metadata.update({"delta_top1_vs_base": vs_base["delta_top1"], "delta_macro_vs_base": vs_base["delta_macro"],
-                         "classes_worse_than_base": vs_base["classes_worse"][:METADATA_ROWS]})
+        metadata.update({"delta_top1_vs_base": rounded(vs_base["delta_top1"], SHOWN_DIGITS),
+                         "delta_macro_vs_base": rounded(vs_base["delta_macro"], SHOWN_DIGITS),
+                         "classes_worse_than_base": _labelled(vs_base["classes_worse"], vs_base["classes_worse_ids"])})
     # None is not a metadata value; leave such keys out rather than invent a number.
     return MaterializeResult(metadata={k: v for k, v in metadata.items() if v is not None}, check_results=checks)

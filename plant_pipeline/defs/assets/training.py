@@ -176,6 +176,19 @@ def mlflow_metadata(checkpoints_dir: Path) -> dict:
     return metadata
 
 
+# How many decimals people read: losses to 4, memory in MB to 1 (the full values stay in result.json and MLflow).
+_SHOWN_DIGITS = {"final_train_loss": 4, "final_validation_loss": 4, "initial_validation_loss": 4,
+                 "best_eval_loss": 4, "peak_memory_mb": 1, "peak_cuda_memory_mb": 1, "peak_mps_memory_mb": 1}
+
+
+def _shown(key: str, entry):
+    """A reported metadata value rounded for reading where _SHOWN_DIGITS names it; anything else as it came."""
+    value = getattr(entry, "value", entry)
+    if key in _SHOWN_DIGITS and isinstance(value, float):
+        return round(value, _SHOWN_DIGITS[key])
+    return entry
+
+
 def _train(context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage,
            model: ModelResource, tracking: TrackingResource, lock_fds: tuple[int, ...]) -> MaterializeResult:
     train_config = to_dataclass(TrainConfig, config)  # validated here too: a bad setting fails before any launch
@@ -209,7 +222,7 @@ def _train(context: AssetExecutionContext, config: TrainedModelConfig, storage: 
         env.update(settings.to_env())
     reported = client.run(context=context, command=command, env=env).get_materialize_result()
 
-    metadata = dict(reported.metadata or {})
+    metadata = {key: _shown(key, value) for key, value in (reported.metadata or {}).items()}
     if settings is not None:
         metadata.update(mlflow_metadata(checkpoints_dir))
     curve = json.loads(result_path.read_text()).get("loss_curve_path")

@@ -15,6 +15,11 @@ PER_CLASS_COLUMNS = ("category_id", "name", "test_images", "correct", "accuracy"
 UNMATCHED = "(unmatched answer)"
 
 
+def class_label(category_id: int, name: str) -> str:
+    """How a class is named where people read it: "12 sunflower" (the id finds its row; the name says what it is)."""
+    return f"{int(category_id)} {name}"
+
+
 def _check_columns(predictions: pd.DataFrame, needed: Sequence[str]) -> None:
     missing = [c for c in needed if c not in predictions.columns]
     if missing:
@@ -131,9 +136,13 @@ def most_confused_pairs(predictions: pd.DataFrame, names: Sequence[str], top: in
 
 def compare(current_summary: Mapping, current_per_class: pd.DataFrame,
             previous_summary: Mapping | None = None, previous_per_class: pd.DataFrame | None = None) -> dict:
-    """Change since the previous evaluation; deltas are None and lists empty when there is none."""
+    """Change since the previous evaluation; deltas are None and lists empty when there is none.
+
+    classes_worse/classes_better hold names and classes_worse_ids/classes_better_ids the matching category ids.
+    """
     result = {"has_previous": previous_summary is not None, "delta_top1": None, "delta_macro": None,
-              "delta_top5": None, "classes_worse": [], "classes_better": []}
+              "delta_top5": None, "classes_worse": [], "classes_better": [], "classes_worse_ids": [],
+              "classes_better_ids": []}
     if previous_summary is None:
         return result
     for key, delta in (("top1_accuracy", "delta_top1"), ("macro_accuracy", "delta_macro"),
@@ -149,6 +158,7 @@ def compare(current_summary: Mapping, current_per_class: pd.DataFrame,
         # Biggest drop (or gain) first, so the report's first names are the ones to look at.
         worse = joined.loc[joined["change"] < 0].sort_values(["change", "category_id"])
         better = joined.loc[joined["change"] > 0].sort_values(["change", "category_id"], ascending=[False, True])
-        result["classes_worse"] = worse["name"].tolist()
-        result["classes_better"] = better["name"].tolist()
+        for key, rows in (("classes_worse", worse), ("classes_better", better)):
+            result[key] = rows["name"].tolist()
+            result[f"{key}_ids"] = [int(i) for i in rows["category_id"]]
     return result
