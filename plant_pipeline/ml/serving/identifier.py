@@ -86,8 +86,9 @@ class Identifier:
     reading and resizing photos runs outside it.
     """
 
-    def __init__(self, model, processor, categories: CategoryMap, info: ModelInfo, *, max_batch: int = DEFAULT_MAX_BATCH,
-                 normalize: str = "mean", candidate_batch: int = 128, layout: str = "auto") -> None:
+    def __init__(self, model, processor, categories: CategoryMap, info: ModelInfo, *,
+                 max_batch: int = DEFAULT_MAX_BATCH, normalize: str = "mean", candidate_batch: int = 128,
+                 layout: str = "auto") -> None:
         if normalize not in NORMALIZE:
             raise UsageError(f"normalize must be one of {NORMALIZE}; got {normalize!r}")
         self.model = model.eval()
@@ -129,8 +130,11 @@ class Identifier:
         folder = resolve_model(model, data_dir)
         meta = _read_json(folder / RESULT_META, f"{folder} is not a trained model folder: it has no {RESULT_META}; "
                           "pass the folder trained_model wrote, a promoted one, or 'production'")
-        spec_fields = {f.name for f in fields(ModelSpec)}
-        spec = ModelSpec(**{k: v for k, v in (meta.get("model_spec") or {}).items() if k in spec_fields})
+        if not isinstance(meta.get("model_spec"), dict):
+            raise UsageError(f"{folder / RESULT_META} has no model_spec (the base model the weights belong to); "
+                             "train the model again with this version of the pipeline")
+        spec_fields = {f.name for f in fields(ModelSpec)}  # a newer pipeline's extra keys are ignored
+        spec = ModelSpec(**{k: v for k, v in meta["model_spec"].items() if k in spec_fields})
         info = _model_info(folder, spec)
         if categories is None:
             categories = _categories(folder, meta)
