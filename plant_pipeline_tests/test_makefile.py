@@ -3,10 +3,13 @@ and the lock that ``make install`` installs from."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +62,10 @@ def test_demo_reads_the_synthetic_release_from_data_dir(tmp_path):
     data_dir = tmp_path / "elsewhere"
     plan = _make("-n", "demo", f"DATA_DIR={data_dir}")
     overlay = data_dir / "demo_run.yaml"
-    assert f"-c config/demo.yaml -c {overlay}" in plan, plan
+    # dg launch, not `dagster asset materialize`, whose first line is a warning that dg supersedes it.
+    launch = "dg launch --job full_pipeline -m plant_pipeline.definitions -c config/demo.yaml -c"
+    assert f"{launch} {overlay}" in re.sub(" +", " ", plan), plan
+    assert "asset materialize" not in plan
     assert f"demo_release {data_dir}/demo_release" in plan, plan
 
     # The rule that writes the overlay runs without the venv; merged over config/demo.yaml it moves only the path.
@@ -134,3 +140,74 @@ def test_elsewhere_install_stays_within_the_locks_versions(tmp_path, platform, t
     assert torch_pin in lines, [line for line in lines if line.startswith("torch")]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+==\S+( *;.*)?", line) for line in lines), lines
     assert len(lines) == len(_locked())
+
+
+@needs_make
+def test_test_shows_why_tests_were_skipped():
+    [line] = [line for line in _make("-n", "test").splitlines() if "pytest" in line]
+    assert "-rs" in line.split(), line
+
+
+def _fake_venv(tmp_path) -> Path:
+    """A venv whose `dagster` prints the environment make dev starts it with, instead of serving."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()
+    dagster = venv / "bin" / "dagster"
+    dagster.write_text('#!/bin/sh\necho "model=$PLANT_PIPELINE_MODEL run_config=$PLANT_PIPELINE_RUN_CONFIG '
+                       'bars_off=$HF_HUB_DISABLE_PROGRESS_BARS args=$*"\n')
+    dagster.chmod(0o755)
+    return venv
+
+
+def _dev(tmp_path, *args: str, env: dict[str, str] | None = None) -> str:
+    venv, data_dir = tmp_path / "venv", tmp_path / "data"
+    environment = {"DAGSTER_HOME": str(data_dir / "dagster_home"), **(env or {})}
+    for name in ("PLANT_PIPELINE_MODEL", "PLANT_PIPELINE_RUN_CONFIG", "MODEL"):
+        environment.setdefault(name, "")
+    out = _make("dev", f"VENV={venv}", f"DATA_DIR={data_dir}", "-o", str(venv / ".installed"), *args, env=environment)
+    [line] = [line for line in out.splitlines() if line.startswith("model=")]
+    return line
+
+
+@needs_make
+def test_dev_after_the_demo_serves_its_model_and_run_config_until_another_model_is_chosen(tmp_path):
+    _fake_venv(tmp_path)
+    data_dir = tmp_path / "data"
+    assert _dev(tmp_path).startswith("model= run_config= "), "before a demo: the default model, no run config"
+
+    # What make demo writes once its run succeeded (its recipe line, run here without the run).
+    plan = _make("-n", "demo", f"DATA_DIR={data_dir}").splitlines()
+    data_dir.mkdir(exist_ok=True)
+    subprocess.run(["bash", "-c", next(line for line in plan if line.startswith("printf "))], cwd=REPO, check=True,
+                   timeout=30)
+    run_config = f"{REPO / 'config' / 'demo.yaml'}{os.pathsep}{data_dir / 'demo_run.yaml'}"
+    after_demo = _dev(tmp_path)
+    assert after_demo.startswith(f"model=tiny-random-llava run_config={run_config} bars_off=1 "), after_demo
+    assert "-w workspace.yaml" in after_demo
+    # A MODEL some shell exports is not a choice; MODEL= on the command line and PLANT_PIPELINE_MODEL are.
+    assert _dev(tmp_path, env={"MODEL": "exported/elsewhere"}).startswith("model=tiny-random-llava run_config=/")
+    assert _dev(tmp_path, "MODEL=llava-hf/llava-1.5-7b-hf").startswith("model=llava-hf/llava-1.5-7b-hf run_config= ")
+    assert _dev(tmp_path, env={"PLANT_PIPELINE_MODEL": "/models/mine"}).startswith("model=/models/mine run_config= ")
+
+
+@needs_make
+def test_demo_ends_with_the_result_and_what_to_do_next(tmp_path):
+    script = _make("-s", "--eval", 'show-demo-result: ; @printf "%s" "$$DEMO_RESULT"', "show-demo-result")
+    reports = tmp_path / "reports"
+    summary = {"top1_accuracy": 0.9379, "top5_accuracy": 0.99, "macro_accuracy": 0.93, "num_test_images": 306,
+               "num_classes_scored": 102}
+    for run, top1 in (("older", 0.5), ("newer", 0.9379)):
+        (reports / run).mkdir(parents=True)
+        (reports / run / "summary.json").write_text(json.dumps({**summary, "top1_accuracy": top1}))
+        time.sleep(0.01)  # distinct mtimes: the newest report is the demo's
+    done = subprocess.run([sys.executable, "-c", script, str(reports), "http://127.0.0.1:3000"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "top-1 0.938, top-5 0.990, macro 0.930" in done.stdout and "306 test photos of 102 classes" in done.stdout
+    assert str(reports / "newer" / "report.md") in done.stdout
+    assert "make dev " in done.stdout and "plant-pipeline identify PHOTO" in done.stdout and "MODEL=" in done.stdout
+
+    empty = subprocess.run([sys.executable, "-c", script, str(tmp_path / "none"), "x"], capture_output=True, text=True,
+                           timeout=60)
+    assert empty.returncode != 0 and "no evaluation report" in empty.stderr
