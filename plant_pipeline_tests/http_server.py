@@ -2,6 +2,7 @@
 
     with LoopbackServer(root) as server:
         server.fail_next("102flowers.tgz", status=500, times=2)   # the next 2 GETs answer 500
+        server.fail_next("m/config.json", status=404, headers={"X-Error-Code": "RepoNotFound"})  # a hub's answer
         server.truncate_next("102flowers.tgz", after_bytes=1000)  # the next GET drops after 1000 bytes
         download_file(server.url + "102flowers.tgz", ...)
         [(r.path, r.range, r.status, r.bytes_sent) for r in server.requests]
@@ -57,7 +58,7 @@ class LoopbackServer:
         self.root = Path(root).resolve()
         self.honor_range = honor_range
         self._lock = threading.Lock()
-        self._failures: dict[str, list[int]] = {}
+        self._failures: dict[str, list[tuple[int, dict[str, str]]]] = {}
         self._truncations: dict[str, list[int]] = {}
         self._requests: list[_Entry] = []
         self._httpd: ThreadingHTTPServer | None = None
@@ -105,10 +106,11 @@ class LoopbackServer:
         return self.url + urllib.parse.quote(path.lstrip("/"))
 
     # -- fault hooks ---------------------------------------------------------------------------
-    def fail_next(self, path: str, status: int = 500, times: int = 1) -> None:
-        """Answer the next ``times`` requests for ``path`` with ``status`` (and a short text body)."""
+    def fail_next(self, path: str, status: int = 500, times: int = 1, headers: dict[str, str] | None = None) -> None:
+        """Answer the next ``times`` requests for ``path`` with ``status`` (and a short text body), plus
+        ``headers`` (e.g. the X-Error-Code a Hugging Face hub sends with a 404)."""
         with self._lock:
-            self._failures.setdefault(_key(path), []).extend([status] * times)
+            self._failures.setdefault(_key(path), []).extend([(status, dict(headers or {}))] * times)
 
     def truncate_next(self, path: str, after_bytes: int, times: int = 1) -> None:
         """Close the connection of the next ``times`` requests for ``path`` after ``after_bytes`` body bytes."""
@@ -136,7 +138,7 @@ class LoopbackServer:
             self._requests.clear()
 
     # -- used by the handler -------------------------------------------------------------------
-    def _pop(self, table: dict[str, list[int]], key: str) -> int | None:
+    def _pop(self, table: dict[str, list], key: str):
         with self._lock:
             queue = table.get(key)
             return queue.pop(0) if queue else None
@@ -193,9 +195,10 @@ class _Handler(BaseHTTPRequestHandler):
         def record(status: int) -> _Entry:
             return owner._record(self.command, key, range_header, status)
 
-        status = owner._pop(owner._failures, key)
-        if status is not None:
-            self._send_text(record(status), f"injected failure {status}\n", send_body)
+        failure = owner._pop(owner._failures, key)
+        if failure is not None:
+            status, headers = failure
+            self._send_text(record(status), f"injected failure {status}\n", send_body, headers)
             return
         relative = key.lstrip("/")
         target = (owner.root / relative).resolve()
@@ -251,9 +254,11 @@ class _Handler(BaseHTTPRequestHandler):
         if entry.bytes_sent < length:
             self.close_connection = True  # the client sees EOF before Content-Length
 
-    def _send_text(self, entry: _Entry, text: str, send_body: bool) -> None:
+    def _send_text(self, entry: _Entry, text: str, send_body: bool, headers: dict[str, str] | None = None) -> None:
         body = text.encode()
         self.send_response(entry.status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

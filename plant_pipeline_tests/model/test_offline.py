@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import constants
 
 from plant_pipeline.ml.model import ModelConfigError, ModelSpec
-from plant_pipeline_tests.http_server import free_port
+from plant_pipeline_tests.http_server import LoopbackServer, free_port
 
 REPO = "example-org/llava-not-here"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -103,3 +103,21 @@ def test_pretrained_kwargs_carry_the_checked_local_files_only(hub, tiny_model_di
     assert ModelSpec(model_name=REPO, revision=None).pretrained_kwargs() == {"revision": None,
                                                                              "local_files_only": True}
     assert ModelSpec(model_name=str(tiny_model_dir)).pretrained_kwargs()["local_files_only"] is False
+
+
+@pytest.mark.parametrize(("error_code", "expected"), [
+    ("RepoNotFound", f"the hub has no model {REPO}"),
+    ("GatedRepo", f"{REPO} is gated: accept its terms"),
+    ("RevisionNotFound", f"{REPO} has no revision 'main'"),
+])
+def test_a_hub_that_answers_no_is_named_and_not_retried(hub, tmp_path, tiny_model_dir, error_code, expected):
+    """Reachable but refusing: the hub's own reason, once, in a second, and no silent fallback to the cache."""
+    _fill_cache(hub, tiny_model_dir)
+    (tmp_path / "site").mkdir()
+    with LoopbackServer(tmp_path / "site") as server:
+        endpoint = constants.ENDPOINT = server.url.rstrip("/")  # the fixture's monkeypatch restores it
+        server.fail_next(f"{REPO}/resolve/main/config.json", status=404, headers={"X-Error-Code": error_code})
+        spec = ModelSpec(model_name=REPO, revision="main" if error_code == "RevisionNotFound" else None)
+        message = _load_fails_fast(spec, "load_processor")
+        assert len(server.requests) == 1
+    assert f"cannot be loaded from {endpoint}: {expected}" in message

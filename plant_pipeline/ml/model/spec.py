@@ -88,7 +88,7 @@ class ModelSpec:
         """The path or hub id that from_pretrained receives; builds the tiny model on first use."""
         if self.model_name == TINY_MODEL_NAME:
             return str(build_tiny_llava(Path(self.models_dir) / TINY_MODEL_NAME))
-        return self.model_name
+        return str(Path(self.model_name).expanduser()) if self.model_name.startswith("~") else self.model_name
 
     def _is_hub_id(self) -> bool:
         """'org/name' or 'name'; anything else (an absolute, relative or home path, or a deeper one) is a folder."""
