@@ -100,6 +100,18 @@ def test_a_batch_scores_like_one_photo_at_a_time_in_one_forward_per_batch(identi
             assert np.allclose([g.score for g in a.guesses], [g.score for g in b.guesses], atol=1e-5, rtol=0)
 
 
+def test_threads_share_one_identifier(identifier, photos):
+    from concurrent.futures import ThreadPoolExecutor
+
+    expected = [a.guesses for a in identifier.identify(photos[:2])]
+    with ThreadPoolExecutor(3) as pool:  # as the web service calls it, from worker threads
+        answers = list(pool.map(lambda _: identifier.identify(photos[:2]), range(3)))
+    for answer in answers:
+        assert [[g.category_id for g in a.guesses] for a in answer] == [[g.category_id for g in e] for e in expected]
+        assert np.allclose([g.score for a in answer for g in a.guesses], [g.score for e in expected for g in e],
+                           atol=1e-6, rtol=0)
+
+
 def test_photos_are_named_and_a_bad_one_stops_everything_before_any_forward(identifier, photos, tmp_path):
     good = tmp_path / "good.png"
     photos[0].save(good)
