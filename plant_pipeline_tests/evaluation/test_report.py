@@ -9,8 +9,10 @@ import re
 
 import pandas as pd
 import pytest
+from dagster import MetadataValue
 
 from plant_pipeline.defs.assets.evaluation import _labelled, _summary_line, _ui_report
+from plant_pipeline.defs.assets.training import _shown
 from plant_pipeline.defs.metadata import rounded, table
 from plant_pipeline.ml.evaluation.metrics import compare, confusion_matrix, per_class_table, summary_metrics
 from plant_pipeline.ml.evaluation.plots import plot_confusion_matrix, plot_per_class_accuracy
@@ -93,6 +95,12 @@ def test_what_people_read_is_rounded_and_classes_carry_their_id(evaluated):
     assert accuracy == {"bluebell": 0.0, "crocus": 0.3333, "aster": 0.6667, "daisy": None}
     exact = table(per_class.assign(accuracy=per_class["accuracy"] * 2 / 3))
     assert exact.records[1].data["accuracy"] == 1 / 3  # without digits a table keeps the value as it is
+
+    # trained_model's metadata as the training process reports it: losses to 4 decimals, memory to 1, rest as is.
+    assert _shown("final_validation_loss", MetadataValue.float(4.605170185988091)) == 4.6052
+    assert _shown("peak_memory_mb", 1234.5678) == 1234.6
+    steps = MetadataValue.int(7)
+    assert _shown("steps", steps) is steps and _shown("samples_per_second", 12.3456) == 12.3456
 
 
 def test_a_predictions_write_that_fails_halfway_keeps_the_previous_file(hand_made, tmp_path, monkeypatch):
