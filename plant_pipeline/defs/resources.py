@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pydantic
 from dagster import Config, ConfigurableResource, Definitions, EnvVar, config_from_files, definitions
-from pydantic import Field, create_model
+from pydantic import ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.ml.data import INCOMING_DIR
@@ -76,16 +77,16 @@ def with_run_config_defaults(config_cls: type[Config], op: str) -> type[Config]:
     if unknown:
         raise RunConfigDefaultsError(f"{source} sets {unknown}, which {op}'s config does not have; it has "
                                      f"{sorted(fields)}. Fix or remove those keys.")
-    # The given fields alone, by their types: the others keep their own defaults.
-    probe = create_model(f"{config_cls.__name__}Defaults", **{name: (fields[name].annotation, ...) for name in values})
-    try:
-        probe.model_validate(values)
+    # Each field keeps its type, description and constraints; only its default changes.
+    overrides = {name: (fields[name].annotation, FieldInfo.merge_field_infos(fields[name], default=value,
+                                                                             default_factory=None))
+                 for name, value in values.items()}
+    try:  # the new defaults alone, checked as values would be (pydantic does not check defaults otherwise)
+        create_model(f"{config_cls.__name__}Defaults", __config__=ConfigDict(validate_default=True), **overrides)()
     except pydantic.ValidationError as error:
         shown = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
                           for e in error.errors())
         raise RunConfigDefaultsError(f"{source}: {shown}. Fix those values.") from None
-    overrides = {name: (fields[name].annotation, Field(default=value, description=fields[name].description))
-                 for name, value in values.items()}
     return create_model(config_cls.__name__, __base__=config_cls, __doc__=config_cls.__doc__,
                         __module__=config_cls.__module__, **overrides)
 

@@ -40,7 +40,7 @@ class Knobs:
 
 KnobsConfig = config_from_dataclass(
     "KnobsConfig", Knobs, "Knobs for a test.",
-    workers=(int, Field(default=1, description="Only the Dagster side has this.")),
+    workers=(int, Field(default=1, gt=0, description="Only the Dagster side has this.")),
 )
 
 
@@ -131,6 +131,8 @@ def test_run_config_files_become_the_config_defaults_the_later_file_winning(tmp_
     assert config_cls.__name__ == "KnobsConfig" and issubclass(config_cls, KnobsConfig)
     assert (config_cls(label="x").steps, config_cls(label="x").names, config_cls(label="x").rate) == (7, ["x"], None)
     assert config_cls.model_fields["steps"].description == "How many steps, at least 1."
+    with pytest.raises(pydantic.ValidationError, match="workers"):
+        config_cls(label="x", workers=0)  # the fields' constraints stay
 
     # An asset declared with it runs on those defaults without any run config; a run's config still wins.
     @asset
@@ -156,6 +158,7 @@ def test_without_the_variable_or_values_the_class_is_unchanged(tmp_path, monkeyp
 @pytest.mark.parametrize("text, message", [
     ("ops:\n  knobs: {config: {stepz: 5}}\n", r"sets \['stepz'\], which knobs's config does not have"),
     ("ops:\n  knobs: {config: {steps: many}}\n", r"steps: .*many"),
+    ("ops:\n  knobs: {config: {workers: 0}}\n", r"workers: .*greater than 0"),  # the field's constraint holds
 ])
 def test_a_wrong_key_or_value_is_named_when_the_code_location_loads(tmp_path, monkeypatch, text, message):
     (tmp_path / "a.yaml").write_text(text)
