@@ -128,9 +128,10 @@ def create_app(
         elif not 1 <= top_k <= categories:
             raise HTTPException(400, f"top_k must be between 1 and {categories} (the model's categories); got {top_k}")
         names = [upload.filename or f"photo {i + 1}" for i, upload in enumerate(files)]
-        images = [await _read_upload(upload, name, max_upload_bytes, max_pixels)
-                  for upload, name in zip(files, names)]
         try:
+            batcher.check_room(len(files))  # a busy service refuses before spending CPU on decoding
+            images = [await _read_upload(upload, name, max_upload_bytes, max_pixels)
+                      for upload, name in zip(files, names)]
             results = await batcher.submit(images, top_k)
         except QueueFull as error:
             raise HTTPException(503, str(error), headers={"Retry-After": str(math.ceil(error.retry_after))}) from None
@@ -141,9 +142,12 @@ def create_app(
         info = serving.infos[results[0].model_id]
         return {"model": info.to_json(), "results": [result.to_json() for result in results]}
 
-    @app.get("/healthz", summary="The model in service")
+    @app.get("/healthz", summary="The model in service, and how the batching goes")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": serving.identifier.info.to_json()}
+        stats = batcher.stats
+        return {"status": "ok", "model": serving.identifier.info.to_json(),
+                "batching": {"waiting": batcher.waiting, "batches": stats.batches, "photos": stats.photos,
+                             "largest_batch": stats.largest_batch}}
 
     page = resources.files("plant_pipeline.service").joinpath("index.html").read_text(encoding="utf-8")
 

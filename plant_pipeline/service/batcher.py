@@ -124,14 +124,18 @@ class Batcher:
         if len(images) > self.max_queue:
             raise ValueError(f"{len(images)} photos in one request; the queue holds at most {self.max_queue}: "
                              "send them in smaller requests")
-        if self._waiting + len(images) > self.max_queue:
-            raise QueueFull(self._waiting, len(images), self.max_queue, self.retry_after())
+        self.check_room(len(images))
         loop = asyncio.get_running_loop()
         request = _Request(images, top_k, loop.create_future(), loop.time())
         self._pending.append(request)
         self._waiting += len(images)
         self._wakeup.set()
         return await request.future
+
+    def check_room(self, photos: int) -> None:
+        """Raise QueueFull if ``photos`` more would not fit now: lets a caller refuse before decoding uploads."""
+        if self._waiting + photos > self.max_queue:
+            raise QueueFull(self._waiting, photos, self.max_queue, self.retry_after())
 
     def retry_after(self) -> float:
         """Seconds until the queue has likely drained: the batches ahead times the recent time per batch."""

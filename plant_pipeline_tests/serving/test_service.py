@@ -188,7 +188,10 @@ def test_switching_models_under_load_drops_no_request(identifiers):
     for r in answered:  # each answer reports the model that actually scored it
         assert r.json()["results"][0]["model_id"] == r.json()["model"]["model_id"]
     assert after.json()["model"]["model_id"] == "model-b"
-    assert health.json() == {"status": "ok", "model": identifiers["model-b"].info.to_json()}
+    health = health.json()
+    assert health["status"] == "ok" and health["model"] == identifiers["model-b"].info.to_json()
+    # 9 photos: 1 alone (in flight while the rest queued), then the 7 queued in batches of at most 2, then 1
+    assert health["batching"] == {"waiting": 0, "batches": 6, "photos": 9, "largest_batch": 2}
 
 
 def test_the_service_follows_the_production_pointer(identifiers, model_folders, tmp_path):
