@@ -17,6 +17,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from plant_pipeline.defs.failures import usage_errors_as_failures
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, rounded, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
@@ -136,6 +137,7 @@ def _base_report(context, spec, shards_dir: Path, config: ModelEvaluationConfig,
         AssetCheckSpec("coverage", asset="model_evaluation", description="every class has test images and was scored"),
     ],
 )
+@usage_errors_as_failures("model_evaluation")
 @locked_output
 def model_evaluation(
     context: AssetExecutionContext, config: ModelEvaluationConfig, storage: PipelineStorage, model: ModelResource

@@ -3,8 +3,6 @@ source, with append-only ids)."""
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from plant_pipeline.defs.failures import usage_errors_as_failures
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import ProgressLog, table
 from plant_pipeline.defs.resources import PipelineStorage
@@ -49,7 +48,6 @@ from plant_pipeline.ml.data import (
     write_manifest,
 )
 from plant_pipeline.ml.data.download import source_cache_dir
-from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import sha256_file
 
 # Manifest paths are relative to the data root, so every source (the official release, later user photos)
@@ -87,16 +85,6 @@ class OxfordFlowersConfig(Config):
     )
 
 
-@contextmanager
-def _usage_errors_as_failures(asset_name: str) -> Iterator[None]:
-    """A setting to change (a UsageError) fails the step with its message alone: the message says what to do, and
-    the chain of causes under it (urllib, sockets) is ~200 lines in the UI and terminal that do not."""
-    try:
-        yield
-    except UsageError as err:
-        raise Failure(description=f"{asset_name}: {err}", metadata={"error": type(err).__name__}) from None
-
-
 def _data_version(manifest_path: Path, checksums: dict[str, str]) -> DataVersion:
     """The manifest's content hash and the release files' md5s: downstream assets go stale only when the
     data really changed, and new pixels under the same names and labels are a change."""
@@ -119,7 +107,7 @@ def oxford_flowers(
     root = storage.path(DATASET_DIR)
     # One folder per source: a real run that fails must not delete the demo's verified archive as stale.
     downloads = source_cache_dir(root / "downloads", base_url=config.base_url, local_dir=config.local_dir)
-    with _usage_errors_as_failures("oxford_flowers"):
+    with usage_errors_as_failures("oxford_flowers"):
         md5 = config.md5 or fetch_md5sums(downloads, base_url=config.base_url, local_dir=config.local_dir)
         fetched = fetch_release(
             downloads,

@@ -35,6 +35,7 @@ from dagster import (
 from pydantic import Field
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
+from plant_pipeline.defs.failures import usage_errors_as_failures
 from plant_pipeline.defs.locks import asset_lock
 from plant_pipeline.defs.metadata import image
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
@@ -154,6 +155,7 @@ class TeeingPipesSubprocessClient(PipesSubprocessClient):
     "its metadata shows the losses, speed, memory and a loss curve, and links its MLflow run. Trains in a separate "
     "process (nproc_per_node DDP ranks) launched through Dagster Pipes.",
 )
+@usage_errors_as_failures("trained_model")
 def trained_model(
     context: AssetExecutionContext, config: TrainedModelConfig, storage: PipelineStorage, model: ModelResource,
     tracking: TrackingResource,

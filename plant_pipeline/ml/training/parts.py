@@ -59,8 +59,7 @@ def model_skeleton(model_spec: ModelSpec) -> nn.Module:
     """The model's module tree without its weights (meta device): enough to check LoRA targets in seconds."""
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
-    config = AutoConfig.from_pretrained(model_spec.source(), revision=model_spec.revision,
-                                        local_files_only=model_spec.local_files_only)
+    config = AutoConfig.from_pretrained(model_spec.source(), **model_spec.pretrained_kwargs())
     with torch.device("meta"):
         return LlavaForConditionalGeneration(config)
 
