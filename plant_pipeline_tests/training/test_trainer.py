@@ -196,6 +196,20 @@ def test_saved_adapter_reloads_with_the_same_loss(lora_run, spec, val_batch):
     assert not any(p.name.startswith(".") for p in path.parent.iterdir())  # no temp folder left behind
 
 
+def test_trained_folder_answers_with_the_categories_it_was_trained_on(lora_run, toy_shards):
+    from PIL import Image
+
+    from plant_pipeline.ml.serving.identifier import Identifier
+    from plant_pipeline.ml.shards.format import read_categories
+
+    result, _, _ = lora_run
+    identifier = Identifier.load(result.model_path, device="cpu")  # a raw trained folder: no categories.json
+    assert identifier.categories == read_categories(toy_shards)
+    [answer] = identifier.identify(Image.new("RGB", (40, 30), (200, 30, 30)), top_k=3)
+    assert len(answer.guesses) == 3 and answer.model_id == Path(result.model_path).name
+    assert all(g.name in identifier.categories.names for g in answer.guesses)
+
+
 # ---- other kinds of run ---------------------------------------------------------------------------
 
 def test_merged_lora_reloads_as_a_plain_model(spec, toy_shards, tmp_path, val_batch):

@@ -223,6 +223,8 @@ def _categories(folder: Path, meta: dict) -> CategoryMap:
     path = folder / CATEGORIES_FILE
     if path.is_file():
         return CategoryMap.from_json(_read_json(path, ""), str(path))
+    if isinstance(meta.get("categories"), dict):  # what training recorded from its shards' index
+        return CategoryMap.from_json(meta["categories"], f"{folder / RESULT_META}: categories")
     train_config = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
     shards_dir = meta.get("shards_dir") or train_config.get("shards_dir")
     if not shards_dir:

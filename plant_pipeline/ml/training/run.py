@@ -205,7 +205,10 @@ def train(config: TrainConfig, *, model_spec: ModelSpec, shards_dir: str | Path,
         "mlflow_run_id": (recorded_run(checkpoints_dir) or {}).get("run_id") if config.report_to == "mlflow" else None,
     }
     curve, _ = save_result(trainer, processor, config, model_spec, output_dir, history,
-                           {**summary, "seconds": time.time() - started, "run_identity": result_key}, is_main)
+                           {**summary, "seconds": time.time() - started, "run_identity": result_key,
+                            # What the model answers with: the Identifier reads it from a trained folder.
+                            "shards_dir": str(shards_dir.resolve()), "categories": index.get("categories")},
+                           is_main)
     curve_path = str(curve) if curve else None
     return TrainResult(model_path=str(output_dir), log_history=history, seconds=time.time() - started,
                        loss_curve_path=curve_path, **summary)
