@@ -22,6 +22,10 @@ from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, rounded, table
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.evaluation import (
+    PER_CLASS_FILE,
+    PREDICTIONS_FILE,
+    SUMMARY_FILE,
+    class_label,
     compare,
     evaluate_shards,
     evaluation_figures,
@@ -30,11 +34,10 @@ from plant_pipeline.ml.evaluation import (
     per_class_table,
     read_report,
     read_shard_categories,
+    report_markdown,
     summary_metrics,
     write_report,
 )
-from plant_pipeline.ml.evaluation.metrics import class_label
-from plant_pipeline.ml.evaluation.report import PER_CLASS_FILE, PREDICTIONS_FILE, SUMMARY_FILE, report_markdown
 from plant_pipeline.ml.files import sha256_file
 from plant_pipeline.ml.shards import INDEX_FILE
 from plant_pipeline.ml.training import check_tracking_store, load_trained
