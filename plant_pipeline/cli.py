@@ -14,9 +14,12 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from plant_pipeline.ml.errors import UsageError
+
+if TYPE_CHECKING:
+    from plant_pipeline.ml.serving.identifier import Identification
 
 PROG = "plant-pipeline"
 DEFAULT_TOP_K = 5
@@ -75,27 +78,28 @@ def identify_photos(args: argparse.Namespace, out: TextIO | None = None, err: Te
     top_k = min(DEFAULT_TOP_K, categories) if args.top_k is None else args.top_k
     if top_k > categories:
         raise UsageError(f"--top-k {top_k} is more than the model's {categories} categories; pass at most {categories}")
-    # Each photo is read on its own, so one bad file is reported and the others are still answered.
-    images, names, failed = [], [], 0
-    for photo in args.photos:
-        try:
-            images.append(read_photo(photo, name=photo))
-            names.append(photo)
-        except PhotoError as error:
-            print(f"{PROG}: {error}", file=err, flush=True)
-            failed += 1
-    results = identifier.identify(images, top_k=top_k, names=names) if images else []
-    for i, result in enumerate(results):
-        if args.json:
-            print(json.dumps(result.to_json()), file=out)
-        else:
-            if i:
-                print(file=out)
-            print(format_table(result), file=out)
+    # Each photo is read on its own, so one bad file is reported and the others are still answered; a batch at a
+    # time, so a thousand photos never sit decoded in memory together and answers appear as they are ready.
+    failed = answered = 0
+    for start in range(0, len(args.photos), identifier.max_batch):
+        images, names = [], []
+        for photo in args.photos[start:start + identifier.max_batch]:
+            try:
+                images.append(read_photo(photo, name=photo))
+                names.append(photo)
+            except PhotoError as error:
+                print(f"{PROG}: {error}", file=err, flush=True)
+                failed += 1
+        for result in identifier.identify(images, top_k=top_k, names=names) if images else []:
+            if args.json:
+                print(json.dumps(result.to_json()), file=out, flush=True)
+            else:
+                print(("\n" if answered else "") + format_table(result), file=out, flush=True)
+            answered += 1
     return 1 if failed else 0
 
 
-def format_table(result) -> str:
+def format_table(result: Identification) -> str:
     """One photo's guesses: rank, display name, score as a percentage."""
     width = max([len(guess.display_name) for guess in result.guesses] + [4])
     lines = [f"{result.photo}  (model {result.model_id}, data {result.data_version})",
