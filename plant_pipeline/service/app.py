@@ -41,8 +41,8 @@ class ModelInService:
     """The Identifier that scores the next batch. swap() replaces it at once; a batch in flight keeps the one it
     started with, so no request is dropped or answered by a half-switched model."""
 
-    def __init__(self, identifier: Identifier, max_batch: int) -> None:
-        self.max_batch = max_batch
+    def __init__(self, identifier: Identifier, max_batch: int, max_pixels: int = MAX_PIXELS) -> None:
+        self.max_batch, self.max_pixels = max_batch, max_pixels
         self.infos: dict[str, ModelInfo] = {}  # model_id -> info, to report the model that answered each request
         self.identifier = identifier
         self.swap(identifier)
@@ -57,7 +57,8 @@ class ModelInService:
 
     def score(self, images: list[Image.Image], top_k: int) -> list[Identification]:
         identifier = self.identifier  # read once: this whole batch is scored by one model
-        return identifier.identify(images, top_k=min(top_k, len(identifier.categories)))
+        # The uploads passed the service's pixel limit already; the Identifier's own default must not differ.
+        return identifier.identify(images, top_k=min(top_k, len(identifier.categories)), max_pixels=self.max_pixels)
 
 
 def create_app(
@@ -83,7 +84,7 @@ def create_app(
     """
     if identifier is None:
         identifier = Identifier.load(model, device=device, data_dir=data_dir)
-    serving = ModelInService(identifier, max_batch)
+    serving = ModelInService(identifier, max_batch, max_pixels)
     batcher = Batcher(serving.score, max_batch=max_batch, window_ms=window_ms, max_queue=max_queue)
     follow_production = str(model) == PRODUCTION and bool(watch_interval_s)
 
