@@ -13,6 +13,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetKey,
+    AssetMaterialization,
     DagsterInstance,
     MaterializeResult,
     MetadataValue,
@@ -33,7 +34,8 @@ CHECKS = sorted(key.name for key in model_evaluation.check_keys)
 def _fake_evaluation(model_path: Path, top1: float, num_categories: int, failed: tuple[str, ...] = ()):
     """model_evaluation as Dagster records it (metadata and check results of one run), without scoring anything."""
 
-    @asset(name="model_evaluation", check_specs=[AssetCheckSpec(name, asset="model_evaluation") for name in CHECKS])
+    @asset(name="model_evaluation", deps=["trained_model"],
+           check_specs=[AssetCheckSpec(name, asset="model_evaluation") for name in CHECKS])
     def fake() -> MaterializeResult:
         return MaterializeResult(
             metadata={"top1_accuracy": top1, "macro_accuracy": top1 - 0.01, "top5_accuracy": 1.0,
@@ -69,6 +71,7 @@ def pipeline(tmp_path, tiny_model_dir, toy_shards):
                        if e.asset_key == AssetKey("production_model")]
             return {k: v.value for k, v in event.materialization.metadata.items()}
 
+        run.instance, run.resources = instance, {"storage": storage, "model": model}
         yield run, storage
 
 
@@ -111,6 +114,21 @@ def test_an_evaluation_on_other_categories_than_the_shards_now_hold_is_kept_out(
     stale = run(0.5, b"stale", num_categories=3)
     assert stale["promoted"] is False and "materialise model_evaluation again" in stale["reason"]
     assert read_pointer(storage.path()) is None and "model_id" not in stale
+
+
+def test_a_retraining_since_the_evaluation_keeps_the_unevaluated_weights_out(pipeline, tmp_path):
+    run, storage = pipeline
+    instance = run.instance
+    instance.report_runless_asset_event(AssetMaterialization("trained_model", tags={"dagster/data_version": "v1"}))
+    first = run(0.5, b"first")  # evaluated the v1 training: promoted
+    assert first["promoted"] is True
+    instance.report_runless_asset_event(AssetMaterialization("trained_model", tags={"dagster/data_version": "v2"}))
+    again = materialize([production_model], instance=instance, resources=run.resources)
+    [event] = again.get_asset_materialization_events()
+    reason = event.materialization.metadata["reason"].value
+    assert "trained_model (data version v1 -> v2) changed since this evaluation" in reason
+    assert event.materialization.metadata["promoted"].value is False
+    assert read_pointer(storage.path()).model_id == first["model_id"]
 
 
 def test_the_model_already_in_production_is_not_promoted_twice(pipeline):

@@ -63,6 +63,21 @@ def _failed_checks(instance: DagsterInstance, run_id: str) -> list[str]:
     return failed
 
 
+def _changed_inputs(instance: DagsterInstance, evaluation_tags: dict[str, str]) -> list[str]:
+    """The evaluation's inputs materialised again since it ran: Dagster tags each materialisation with its own
+    data version and those of its inputs. A retraining writes to the same folder, so the weights there may no
+    longer be the ones evaluated."""
+    changed = []
+    for name in ("trained_model", "flower_shards"):
+        seen = evaluation_tags.get(f"dagster/input_data_version/{name}")
+        latest = instance.get_latest_materialization_event(AssetKey(name))
+        now = (latest.asset_materialization.tags or {}).get("dagster/data_version") \
+            if latest is not None and latest.asset_materialization is not None else None
+        if seen and now and seen != now:
+            changed.append(f"{name} (data version {seen} -> {now})")
+    return changed
+
+
 def _check_names(keys: set[AssetCheckKey]) -> str:
     return ", ".join(sorted(key.name for key in keys))
 
@@ -103,7 +118,11 @@ def production_model(context: AssetExecutionContext, config: ProductionModelConf
     failed = _failed_checks(context.instance, entry.run_id) if config.require_checks else []
     digest = weights_digest(candidate_path)
 
-    if in_production(digest, current):
+    changed = _changed_inputs(context.instance, dict(entry.asset_materialization.tags or {}))
+    if changed:
+        decision = Decision(False, f"{', '.join(changed)} changed since this evaluation; materialise "
+                            "model_evaluation again")
+    elif in_production(digest, current):
         decision = Decision(False, f"{candidate_path} is already in production as {current.model_id}")
     elif evaluation.get("num_categories", len(categories)) != len(categories):
         decision = Decision(False, f"the shards now hold {len(categories)} categories but the model was evaluated "
