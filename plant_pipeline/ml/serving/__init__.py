@@ -1,7 +1,9 @@
 """Using a trained model: which one is in production (registry), identifying photos with it (identifier), and
 promoting a newly evaluated model (promotion)."""
 
+from plant_pipeline.ml.serving.model_card import model_card
 from plant_pipeline.ml.serving.photos import MAX_PHOTO_BYTES, MAX_PIXELS, PhotoError, PhotoTooLarge, read_photo
+from plant_pipeline.ml.serving.promotion import Decision, decide, promote, prune, weights_digest
 from plant_pipeline.ml.serving.registry import (
     CATEGORIES_FILE,
     MODEL_CARD_FILE,
@@ -17,8 +19,9 @@ from plant_pipeline.ml.serving.registry import (
 )
 
 __all__ = ["CATEGORIES_FILE", "MAX_PHOTO_BYTES", "MAX_PIXELS", "MODEL_CARD_FILE", "MODEL_INFO_FILE", "PRODUCTION",
-           "Guess", "Identification", "Identifier", "ModelInfo", "NoProductionModel", "PhotoError", "PhotoTooLarge",
-           "pointer_path", "production_dir", "read_photo", "read_pointer", "resolve_model", "write_pointer"]
+           "Decision", "Guess", "Identification", "Identifier", "ModelInfo", "NoProductionModel", "PhotoError",
+           "PhotoTooLarge", "decide", "model_card", "pointer_path", "production_dir", "promote", "prune",
+           "read_photo", "read_pointer", "resolve_model", "weights_digest", "write_pointer"]
 
 _LAZY = {"Guess", "Identification", "Identifier"}  # identifier.py imports torch and transformers: only when used
 
