@@ -102,7 +102,7 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml $(DEMO_OVERLAY)
 	$(PY) -m plant_pipeline.ml.data.demo_release $(DEMO_RELEASE) --train-per-class 20
 	$(QUIET) PLANT_PIPELINE_MODEL=$(DEMO_MODEL) $(VENV)/bin/dg launch --job full_pipeline \
 		-m plant_pipeline.definitions -c config/demo.yaml -c $(DEMO_OVERLAY)
-	printf "PLANT_PIPELINE_MODEL='%s'\nPLANT_PIPELINE_RUN_CONFIG='%s'\n" '$(DEMO_MODEL)' \
+	@printf "PLANT_PIPELINE_MODEL='%s'\nPLANT_PIPELINE_RUN_CONFIG='%s'\n" '$(DEMO_MODEL)' \
 		'$(abspath config/demo.yaml):$(DEMO_OVERLAY)' > $(DEMO_ENV).tmp && mv $(DEMO_ENV).tmp $(DEMO_ENV)
 	@$(PY) -c "$$DEMO_RESULT" '$(abspath $(DATA_DIR)/reports)' 'http://$(UI_HOST):$(UI_PORT)'
 
@@ -110,7 +110,8 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml $(DEMO_OVERLAY)
 test: $(STAMP)
 	$(PY) -m pytest -q -rs
 
-# The UI on http://$(UI_HOST):$(UI_PORT). SIGINT semantics so Ctrl-C / kill -TERM stop every child process.
+# The UI on http://$(UI_HOST):$(UI_PORT): dg dev, which serves the workspace as `dagster dev` (which it supersedes)
+# does. SIGINT semantics so Ctrl-C / kill -TERM stop every child process.
 # The model: MODEL=... on the command line, else PLANT_PIPELINE_MODEL from the environment, else after a demo the
 # demo's model and run config ($(DEMO_ENV): every launch in the UI runs offline on them), else the default.
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
@@ -119,7 +120,7 @@ dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 		echo "make dev: the demo's model and run config ($(DEMO_ENV)); make dev MODEL=<hub id or folder> for another"; \
 	fi; \
 	echo "make dev: model $${PLANT_PIPELINE_MODEL:-(the default)}, run config defaults $${PLANT_PIPELINE_RUN_CONFIG:-(none)}"; \
-	exec env --default-signal=INT $(QUIET) $(VENV)/bin/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
+	exec env --default-signal=INT $(QUIET) $(VENV)/bin/dg dev -w workspace.yaml -h $(UI_HOST) -p $(UI_PORT)
 
 # Each benchmark prints one table and a final JSON line; gpu_train.py needs a CUDA GPU, real_photos.py and
 # preprocess.py the shared datasets. A failure is reported and the rest still run.

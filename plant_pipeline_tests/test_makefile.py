@@ -39,7 +39,7 @@ def _make(*args: str, env: dict[str, str] | None = None) -> str:
 
 
 def _dagster_dev_line(text: str) -> str:
-    [line] = [line for line in text.splitlines() if "dagster dev" in line]
+    [line] = [line for line in text.splitlines() if "dg dev" in line]
     return line
 
 
@@ -149,11 +149,11 @@ def test_test_shows_why_tests_were_skipped():
 
 
 def _fake_venv(tmp_path) -> Path:
-    """A venv whose `dagster` prints the environment make dev starts it with, instead of serving."""
+    """A venv whose `dg` prints the environment make dev starts it with, instead of serving."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / ".installed").touch()
-    dagster = venv / "bin" / "dagster"
+    dagster = venv / "bin" / "dg"
     dagster.write_text('#!/bin/sh\necho "model=$PLANT_PIPELINE_MODEL run_config=$PLANT_PIPELINE_RUN_CONFIG '
                        'bars_off=$HF_HUB_DISABLE_PROGRESS_BARS args=$*"\n')
     dagster.chmod(0o755)
@@ -184,7 +184,7 @@ def test_dev_after_the_demo_serves_its_model_and_run_config_until_another_model_
     run_config = f"{REPO / 'config' / 'demo.yaml'}{os.pathsep}{data_dir / 'demo_run.yaml'}"
     after_demo = _dev(tmp_path)
     assert after_demo.startswith(f"model=tiny-random-llava run_config={run_config} bars_off=1 "), after_demo
-    assert "-w workspace.yaml" in after_demo
+    assert "args=dev -w workspace.yaml" in after_demo
     # A MODEL some shell exports is not a choice; MODEL= on the command line and PLANT_PIPELINE_MODEL are.
     assert _dev(tmp_path, env={"MODEL": "exported/elsewhere"}).startswith("model=tiny-random-llava run_config=/")
     assert _dev(tmp_path, "MODEL=llava-hf/llava-1.5-7b-hf").startswith("model=llava-hf/llava-1.5-7b-hf run_config= ")
