@@ -47,7 +47,7 @@ def test_jobs_cover_the_graph_and_the_schedule_starts_stopped():
     assert assets["prepare_data"] == {"oxford_flowers", "folder_photos", "hf_dataset_photos", "category_map",
                                       "user_photos", "flower_shards"}
     assert assets["add_user_photos"] == {"user_photos", "flower_shards"}
-    assert assets["train_and_evaluate"] == {"trained_model", "model_evaluation"}
+    assert assets["train_and_evaluate"] == {"trained_model", "model_evaluation", "production_model"}
     assert assets["full_pipeline"] == assets["prepare_data"] | assets["train_and_evaluate"]
     schedule = defs.resolve_schedule_def("retraining_schedule")
     assert schedule.default_status == DefaultScheduleStatus.STOPPED
