@@ -20,7 +20,7 @@ from pydantic import Field
 from plant_pipeline.defs.failures import usage_errors_as_failures
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import image, rounded, table
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage, with_run_config_defaults
 from plant_pipeline.ml.evaluation import (
     PER_CLASS_FILE,
     PREDICTIONS_FILE,
@@ -57,6 +57,10 @@ class ModelEvaluationConfig(Config):
     floor_severity: str = Field(default="WARN", description="Severity when below the floor: WARN or ERROR.")
     regression_margin: float = Field(default=0.02, description="Check: top-1 may fall by at most this much "
                                      "against the previous materialisation.")
+
+
+# Defaults from PLANT_PIPELINE_RUN_CONFIG's files where it is set (make dev after make demo).
+ModelEvaluationConfig = with_run_config_defaults(ModelEvaluationConfig, "model_evaluation")
 
 
 def _latest_metadata(context: AssetExecutionContext, asset_name: str) -> dict | None:

@@ -23,7 +23,7 @@ from pydantic import Field
 from plant_pipeline.defs.failures import usage_errors_as_failures
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.metadata import ProgressLog, table
-from plant_pipeline.defs.resources import PipelineStorage
+from plant_pipeline.defs.resources import PipelineStorage, with_run_config_defaults
 from plant_pipeline.ml.data import (
     DEFAULT_QUESTION,
     OFFICIAL_BASE_URL,
@@ -83,6 +83,10 @@ class OxfordFlowersConfig(Config):
         description="Refuse an archive that expands to more than this many times its size once past 64 MiB "
         "(a decompression bomb; the release's JPEGs expand about 1:1).",
     )
+
+
+# Defaults from PLANT_PIPELINE_RUN_CONFIG's files where it is set (make dev after make demo).
+OxfordFlowersConfig = with_run_config_defaults(OxfordFlowersConfig, "oxford_flowers")
 
 
 def _data_version(manifest_path: Path, checksums: dict[str, str]) -> DataVersion:

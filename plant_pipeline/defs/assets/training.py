@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +30,7 @@ from dagster import (
     MetadataValue,
     PipesClientCompletedInvocation,
     PipesSubprocessClient,
+    PreviewWarning,
     asset,
     open_pipes_session,
 )
@@ -38,7 +40,7 @@ from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
 from plant_pipeline.defs.failures import usage_errors_as_failures
 from plant_pipeline.defs.locks import asset_lock
 from plant_pipeline.defs.metadata import image
-from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource
+from plant_pipeline.defs.resources import ModelResource, PipelineStorage, TrackingResource, with_run_config_defaults
 from plant_pipeline.ml.files import atomic_write_json
 from plant_pipeline.ml.shards import read_index
 from plant_pipeline.ml.training import (
@@ -52,17 +54,21 @@ from plant_pipeline.ml.training import (
 )
 
 LOG_TAIL_LINES = 40
+# open_pipes_session reads a preview property of Dagster's own message reader and warns on every training;
+# nothing here uses the preview feature.
+warnings.filterwarnings("ignore", message=".*expected_writer_count", category=PreviewWarning)
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Resolved here, not in the forked child, which should run as little Python as it can before exec.
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
-TrainedModelConfig = config_from_dataclass(
+# Defaults from PLANT_PIPELINE_RUN_CONFIG's files where it is set (make dev after make demo).
+TrainedModelConfig = with_run_config_defaults(config_from_dataclass(
     "TrainedModelConfig", TrainConfig, "Fine-tuning settings; the same config with the same shards resumes.",
     nproc_per_node=(int, Field(default=1, description=(
         "Training processes on this machine: 1 runs one process; N > 1 runs N DDP ranks with "
         "torch.distributed.run (one per GPU; gloo on CPU). The train split needs N x dataloader_num_workers "
         "shards."))),
-)
+), "trained_model")
 
 
 def launch_command(nproc_per_node: int, *args: str) -> list[str]:
