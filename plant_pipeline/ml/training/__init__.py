@@ -7,13 +7,13 @@ Exported: what the Dagster layer and the benchmarks use. Importing this package 
 
 from plant_pipeline.ml.training.build import build_trainer, training_arguments
 from plant_pipeline.ml.training.checkpoints import CheckpointError
-from plant_pipeline.ml.training.cli import ENTRY_MODULE, RunFile, RunFileError
 from plant_pipeline.ml.training.collate import MemoryEfficientCollator, memory_efficient_collate_fn
 from plant_pipeline.ml.training.config import RunIdentity, TrainConfig, TrainConfigError, loader_workers
 from plant_pipeline.ml.training.loss import labelled_token_loss
 from plant_pipeline.ml.training.parts import configure_trainable, validate_lora_targets
 from plant_pipeline.ml.training.results import TrainResult, load_trained
 from plant_pipeline.ml.training.run import train
+from plant_pipeline.ml.training.run_file import ENTRY_MODULE, RunFile, RunFileError
 from plant_pipeline.ml.training.shard_checks import ShardIntegrityError
 from plant_pipeline.ml.training.streaming import make_stream
 from plant_pipeline.ml.training.tracking import (

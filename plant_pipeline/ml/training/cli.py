@@ -23,94 +23,24 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import atomic_write_json
-from plant_pipeline.ml.model.spec import ModelSpec
-from plant_pipeline.ml.training.config import TrainConfig
 from plant_pipeline.ml.training.monitor import logger as progress_logger
 from plant_pipeline.ml.training.monitor import step_label
 from plant_pipeline.ml.training.results import TrainResult
+from plant_pipeline.ml.training.run_file import ENTRY_MODULE, RunFile, RunFileError  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("plant_pipeline.ml.training.cli")
 
-ENTRY_MODULE = "plant_pipeline.ml.training.cli"
 PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # the variable dagster_pipes itself checks
 RECORD_KEYS_ENV = "PLANT_PIPELINE_RECORD_KEYS"  # same as --record-keys, for launchers that only pass env vars
-
-
-class RunFileError(UsageError):
-    """A run file that is not valid JSON or names unknown settings."""
-
 
 # Bad settings, damaged shards or checkpoints are inputs to change, rebuild or move away, not bugs: the message
 # says which and how.
 USAGE_ERRORS = (UsageError, FileNotFoundError)
-
-
-@dataclass
-class RunFile:
-    """Everything one training run needs; ``to_json``/``load`` are the on-disk form the launchers share."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    shards_dir: str = ""
-    checkpoints_dir: str = ""
-    output_dir: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return {"train": asdict(self.train), "model": asdict(self.model), "shards_dir": str(self.shards_dir),
-                "checkpoints_dir": str(self.checkpoints_dir), "output_dir": str(self.output_dir)}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any], source: str = "the run file") -> RunFile:
-        allowed = {"train", "model", "shards_dir", "checkpoints_dir", "output_dir"}
-        unknown = sorted(set(data) - allowed)
-        missing = sorted({"shards_dir", "checkpoints_dir", "output_dir"} - set(data))
-        if unknown or missing:
-            raise RunFileError(f"{source}: unknown keys {unknown}, missing keys {missing}; expected {sorted(allowed)}")
-        return cls(train=_build(TrainConfig, data.get("train", {}), f"{source} [train]"),
-                   model=_build(ModelSpec, data.get("model", {}), f"{source} [model]"),
-                   shards_dir=str(data["shards_dir"]), checkpoints_dir=str(data["checkpoints_dir"]),
-                   output_dir=str(data["output_dir"]))
-
-    @classmethod
-    def load(cls, path: str | Path, overrides: list[str] = ()) -> RunFile:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunFileError(f"{path} is not valid JSON ({err}); write it with RunFile.to_json()") from err
-        for item in overrides:
-            _apply_override(data, item)
-        return cls.from_json(data, str(path))
-
-
-def _build(cls: type, values: dict[str, Any], source: str):
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise RunFileError(f"{source}: unknown settings {unknown}; {cls.__name__} has {sorted(names)}")
-    return cls(**values)
-
-
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    """``section.key=value`` (or ``key=value`` for a top-level path); the value is JSON, else a plain string."""
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise RunFileError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=20 or output_dir=/tmp/out")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    *sections, last = key.split(".")
-    target = data
-    for section in sections:
-        target = target.setdefault(section, {})
-    target[last] = value
 
 
 # ---- what goes back to Dagster --------------------------------------------------------------------
