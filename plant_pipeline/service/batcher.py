@@ -144,16 +144,19 @@ class Batcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        last_batch_end = -math.inf
         while True:
             while not self._pending:
                 if self._stopping:
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Wait for company until the oldest request has waited window_s (requests queued during the previous
-            # batch have waited already and go at once), unless the batch is full or the service is stopping.
+            # Wait for company for window_s from the oldest request's arrival or the previous batch's end, whichever
+            # is later, unless the batch is full or the service is stopping. Counting from the batch's end too lets
+            # the clients just answered send their next photos into this batch (under steady load batches stay
+            # full instead of alternating between a large and a small one).
             while self._waiting < self.max_batch and not self._stopping:
-                remaining = self._pending[0].arrived + self.window_s - loop.time()
+                remaining = max(self._pending[0].arrived, last_batch_end) + self.window_s - loop.time()
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
@@ -164,6 +167,7 @@ class Batcher:
             batch = self._take()
             if batch:
                 await self._score(batch)
+                last_batch_end = loop.time()
 
     def _take(self) -> list[_Request]:
         """The oldest requests that fit in max_batch photos (at least one); abandoned requests are dropped."""

@@ -73,6 +73,8 @@ def one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
+# ~16 s: -m slow keeps make test under 10 minutes; training/test_tracking.py checks the logging itself.
+@pytest.mark.slow
 def test_training_and_evaluation_log_to_one_mlflow_run(tmp_path, tiny_model_dir, toy_shards, one_thread):
     from mlflow import MlflowClient
 

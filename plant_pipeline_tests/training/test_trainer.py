@@ -420,6 +420,8 @@ def test_settings_that_do_not_fit_the_model_or_machine_fail_before_work(spec, to
 # ---- compile_blocks ---------------------------------------------------------------------------------
 
 
+# ~6 s of torch.compile on a CPU: -m slow (compile_blocks is for CUDA; bench/gpu_train.py runs it there).
+@pytest.mark.slow
 def test_compiled_blocks_give_the_eager_loss_and_gradients(spec, val_batch):
     from plant_pipeline.ml.training.compile import compile_blocks
 
