@@ -155,3 +155,24 @@ def test_stop_answers_the_queued_requests_then_refuses_new_ones():
         return [task.result()[0].photo for task in pending]
 
     assert asyncio.run(main()) == ["1", "2", "3"]
+
+
+def test_photos_queued_during_a_batch_wait_for_the_clients_it_answers():
+    # Closed-loop clients: the one answered by batch 1 sends its next photo at once; the photo that queued while
+    # batch 1 ran must wait for it (the window counts from batch 1's end), not go alone.
+    gate = threading.Event()
+    scorer = Scorer(gate)
+
+    async def main():
+        async with Batcher(scorer, max_batch=4, window_ms=300) as batcher:
+            first = asyncio.create_task(batcher.submit(photos(1), 1))
+            while not scorer.calls:  # batch 1 is being scored
+                await asyncio.sleep(0.005)
+            queued = asyncio.create_task(batcher.submit(photos(2), 1))
+            await asyncio.sleep(0.35)  # longer than the window: photo 2 has waited it out meanwhile
+            gate.set()
+            await first
+            return await asyncio.gather(queued, batcher.submit(photos(3), 1))  # the answered client's next photo
+
+    asyncio.run(main())
+    assert [batch for batch, _ in scorer.calls] == [[1], [2, 3]]
