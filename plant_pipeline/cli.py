@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
@@ -141,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A setting or input to change: the message says what to do; a traceback would only bury it.
         print(f"{PROG}: {error}", file=sys.stderr, flush=True)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not an error of ours. Point stdout at /dev/null so that the
+        # interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         if bars:
             hf_logging.enable_progress_bar()
