@@ -18,6 +18,7 @@ from dagster import (
 from pydantic import Field
 
 from plant_pipeline.defs.assets.evaluation import model_evaluation
+from plant_pipeline.defs.failures import usage_errors_as_failures
 from plant_pipeline.defs.locks import locked_output
 from plant_pipeline.defs.resources import ModelResource, PipelineStorage
 from plant_pipeline.ml.evaluation import read_report, read_shard_categories
@@ -93,6 +94,7 @@ def _check_names(keys: set[AssetCheckKey]) -> str:
     f"model_evaluation's checks ({_check_names(model_evaluation.check_keys)}) passed and its top-1 is not below "
     "production's by more than the margin; otherwise production stays and the metadata says why.",
 )
+@usage_errors_as_failures("production_model")
 @locked_output
 def production_model(context: AssetExecutionContext, config: ProductionModelConfig, storage: PipelineStorage,
                      model: ModelResource) -> MaterializeResult:
