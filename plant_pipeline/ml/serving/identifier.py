@@ -8,7 +8,6 @@ categories turns the ranking scores into probabilities.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from plant_pipeline.ml.data.categories import CategoryMap
+from plant_pipeline.ml.data.categories import CategoryMap, read_category_map
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.evaluation.scoring import (
     NORMALIZE,
@@ -37,13 +36,14 @@ from plant_pipeline.ml.serving.registry import (
     MODEL_INFO_FILE,
     PRODUCTION,
     ModelInfo,
+    read_model_info,
     resolve_model,
 )
 from plant_pipeline.ml.shards.format import read_categories
 from plant_pipeline.ml.shards.geometry import PhotoPixels
 from plant_pipeline.ml.shards.pixels import PixelNormalizer
 from plant_pipeline.ml.shards.prompts import PromptEncoder
-from plant_pipeline.ml.training.results import RESULT_META, load_trained
+from plant_pipeline.ml.training.results import RESULT_META, load_trained, read_result_meta
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,10 @@ class Identifier:
         data version "unknown", and takes its categories from ``categories`` or the shards its training recorded.
         """
         folder = resolve_model(model, data_dir)
-        meta = _read_json(folder / RESULT_META, f"{folder} is not a trained model folder: it has no {RESULT_META}; "
-                          "pass the folder trained_model wrote, a promoted one, or 'production'")
+        meta = read_result_meta(folder)
+        if meta is None:
+            raise UsageError(f"{folder} is not a trained model folder: it has no {RESULT_META}; pass the folder "
+                             "trained_model wrote, a promoted one, or 'production'")
         if not isinstance(meta.get("model_spec"), dict):
             raise UsageError(f"{folder / RESULT_META} has no model_spec (the base model the weights belong to); "
                              "train the model again with this version of the pipeline")
@@ -206,24 +208,9 @@ def _as_list(images, names: Sequence[str] | None) -> tuple[list, list[str]]:
     return images, [str(name) for name in names]
 
 
-def _read_json(path: Path, missing: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise UsageError(missing) from err
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UsageError(f"{path} cannot be read as JSON ({err}); the model folder is damaged, train or promote it "
-                         "again") from err
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object; got {type(data).__name__}")
-    return data
-
-
 def _model_info(folder: Path, spec: ModelSpec) -> ModelInfo:
-    path = folder / MODEL_INFO_FILE
-    if path.is_file():
-        info = ModelInfo.from_json(_read_json(path, ""), path)
-    else:  # a folder as trained_model wrote it: not promoted, so no id or data version of its own
+    info = read_model_info(folder / MODEL_INFO_FILE)
+    if info is None:  # a folder as trained_model wrote it: not promoted, so no id or data version of its own
         info = ModelInfo(model_id=folder.name, base_model=spec.model_name, data_version=UNKNOWN_VERSION)
     return replace(info, model_path=str(folder))
 
@@ -231,7 +218,7 @@ def _model_info(folder: Path, spec: ModelSpec) -> ModelInfo:
 def _categories(folder: Path, meta: dict) -> CategoryMap:
     path = folder / CATEGORIES_FILE
     if path.is_file():
-        return CategoryMap.from_json(_read_json(path, ""), str(path))
+        return read_category_map(path)
     if isinstance(meta.get("categories"), dict):  # what training recorded from its shards' index
         return CategoryMap.from_json(meta["categories"], f"{folder / RESULT_META}: categories")
     train_config = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}

@@ -6,7 +6,6 @@ reader (the Identifier, the web service) sees the old model or the new one, neve
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -33,7 +32,7 @@ from plant_pipeline.ml.serving.registry import (
     read_pointer,
     write_pointer,
 )
-from plant_pipeline.ml.training.results import RESULT_META
+from plant_pipeline.ml.training.results import read_result_meta
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +126,6 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
-def _read_training_meta(model_path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((model_path / RESULT_META).read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{model_path / RESULT_META} is unreadable ({err}); train the model again") from err
-
-
 def promote(model_path: str | os.PathLike, *, data_dir: str | os.PathLike | None, categories: CategoryMap,
             base_model: str, data_version: str, metrics: Mapping[str, Any], per_class: pd.DataFrame | None = None,
             training_meta: Mapping[str, Any] | None = None, lineage: Mapping[str, str] | None = None,
@@ -156,7 +146,7 @@ def promote(model_path: str | os.PathLike, *, data_dir: str | os.PathLike | None
     digest = digest or weights_digest(model_path)
     now = now or datetime.now(timezone.utc)
     if training_meta is None:
-        training_meta = _read_training_meta(model_path)
+        training_meta = read_result_meta(model_path)
     info = ModelInfo(model_id=make_model_id(digest, now), base_model=base_model, data_version=data_version,
                      metrics=dict(metrics), promoted_at=now.astimezone(timezone.utc).isoformat(timespec="seconds"))
     final = models_dir(data_dir) / info.model_id

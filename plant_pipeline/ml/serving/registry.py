@@ -67,9 +67,9 @@ def pointer_path(data_dir: str | os.PathLike | None = None) -> Path:
     return production_dir(data_dir) / POINTER_FILE
 
 
-def read_pointer(data_dir: str | os.PathLike | None = None) -> ModelInfo | None:
-    """The production model's info (with its ``model_path``), or None when nothing has been promoted."""
-    path = pointer_path(data_dir)
+def read_model_info(path: str | os.PathLike) -> ModelInfo | None:
+    """A ModelInfo file (the pointer, or a promoted folder's MODEL_INFO_FILE), or None where there is none."""
+    path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -78,7 +78,15 @@ def read_pointer(data_dir: str | os.PathLike | None = None) -> ModelInfo | None:
         data = json.loads(text)
     except ValueError as err:
         raise UsageError(f"{path} is not valid JSON ({err}); materialise production_model to write it again") from err
-    info = ModelInfo.from_json(data, path)
+    return ModelInfo.from_json(data, path)
+
+
+def read_pointer(data_dir: str | os.PathLike | None = None) -> ModelInfo | None:
+    """The production model's info (with its ``model_path``), or None when nothing has been promoted."""
+    path = pointer_path(data_dir)
+    info = read_model_info(path)
+    if info is None:
+        return None
     if not info.model_path:
         raise UsageError(f"{path} names no model_path; materialise production_model to write it again")
     return info

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.files import replace_folder
 from plant_pipeline.ml.model.spec import ModelSpec, resolve_device, resolve_dtype
 from plant_pipeline.ml.training.checkpoints import WEIGHT_FILES
@@ -109,6 +110,21 @@ def save_result(trainer, processor, config: TrainConfig, model_spec: ModelSpec, 
             shutil.rmtree(tmp, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return (output_dir / curve.name if curve else None), kind
+
+
+def read_result_meta(model_path: str | Path) -> dict[str, Any] | None:
+    """The RESULT_META object of a result folder, or None where there is none; UsageError when it is damaged."""
+    path = Path(model_path) / RESULT_META
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UsageError(f"{path} cannot be read as JSON ({err}); the model folder is damaged, train or promote it "
+                         "again") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object; got {type(data).__name__}")
+    return data
 
 
 def finished_result(output_dir: Path, identity: dict) -> TrainResult | None:
