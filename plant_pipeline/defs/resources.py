@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
 from plant_pipeline.defs.config import config_from_dataclass, to_dataclass
-from plant_pipeline.ml.data import INCOMING_DIR
+from plant_pipeline.ml.data import DATASET_MANIFEST, INCOMING_DIR, OXFORD_MANIFEST
 from plant_pipeline.ml.errors import UsageError
 from plant_pipeline.ml.model import DEFAULT_REAL_MODEL, ModelSpec
 from plant_pipeline.ml.training import (
@@ -104,7 +104,7 @@ class PipelineStorage(ConfigurableResource):
     @property
     def manifest_path(self) -> Path:
         """The Oxford release's manifest (labels are Oxford's ids)."""
-        return self.path("oxford_flowers", "manifest.parquet")
+        return self.path(OXFORD_MANIFEST)
 
     def source_dir(self, source: str) -> Path:
         """Where a source other than Oxford keeps its manifest, its categories and any exported images."""
@@ -114,7 +114,7 @@ class PipelineStorage(ConfigurableResource):
     def dataset_manifest_path(self) -> Path:
         """The chosen source's manifest with labels as category_map.json's ids: what the shards are built from
         (with the photos taken in from incoming/)."""
-        return self.path("manifest.parquet")
+        return self.path(DATASET_MANIFEST)
 
     @property
     def incoming_dir(self) -> Path:

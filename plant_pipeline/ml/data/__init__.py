@@ -42,7 +42,14 @@ from plant_pipeline.ml.data.incoming import (
     scan_incoming,
     user_manifest,
 )
-from plant_pipeline.ml.data.manifest import combine_manifests, read_manifest, summarize_manifest, write_manifest
+from plant_pipeline.ml.data.manifest import (
+    DATASET_MANIFEST,
+    OXFORD_MANIFEST,
+    combine_manifests,
+    read_manifest,
+    summarize_manifest,
+    write_manifest,
+)
 from plant_pipeline.ml.data.oxford import build_manifest, image_relpath, read_labels, read_splits
 from plant_pipeline.ml.data.sources import (
     SourceData,
@@ -53,6 +60,8 @@ from plant_pipeline.ml.data.sources import (
 )
 
 __all__ = [
+    "DATASET_MANIFEST",
+    "OXFORD_MANIFEST",
     "CATEGORY_NAMES",
     "DEFAULT_QUESTION",
     "OXFORD_QUESTION",

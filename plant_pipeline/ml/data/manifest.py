@@ -16,6 +16,10 @@ from plant_pipeline.ml.errors import UsageError
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 MANIFEST_COLUMNS: tuple[str, ...] = ("image_id", "path", "label", "split", "source")
+# Where the data root keeps its manifests: the chosen source's, labelled with category_map.json's ids (what the shards
+# are built from), and the Oxford release's, labelled with Oxford's ids.
+DATASET_MANIFEST = "manifest.parquet"
+OXFORD_MANIFEST = "oxford_flowers/manifest.parquet"
 
 
 class DatasetFormatError(UsageError):

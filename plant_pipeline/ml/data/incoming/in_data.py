@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from plant_pipeline.ml.data.incoming.ledger import STORE_DIR
-from plant_pipeline.ml.data.manifest import read_manifest
+from plant_pipeline.ml.data.manifest import DATASET_MANIFEST, OXFORD_MANIFEST, read_manifest
 from plant_pipeline.ml.files import atomic_write_text, sha256_file
 
 CACHE_FILE = "data_photos.json"
 CACHE_FORMAT_VERSION = 1
 # The data root's manifests, first wins: the chosen source's (what the shards are built from), then the Oxford
-# release's. The same files as PipelineStorage.dataset_manifest_path and .manifest_path.
-DATA_MANIFESTS = ("manifest.parquet", "oxford_flowers/manifest.parquet")
+# release's.
+DATA_MANIFESTS = (DATASET_MANIFEST, OXFORD_MANIFEST)
 
 logger = logging.getLogger(__name__)
 
