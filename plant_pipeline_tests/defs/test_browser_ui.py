@@ -7,7 +7,6 @@ into the instance ``dagster dev`` then serves. Each test leaves a screenshot of 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import time
@@ -21,24 +20,14 @@ from dagster import AssetKey, DagsterInstance, DagsterRunStatus, MarkdownMetadat
 
 from plant_pipeline import definitions
 from plant_pipeline.ml.data.demo_release import make_demo_release
+from plant_pipeline_tests.browser import CHROMIUM, CHROMIUM_FLAGS, is_local, require_browser
 from plant_pipeline_tests.defs.test_assets_pipeline import Pipeline
 from plant_pipeline_tests.ui_server import DagsterDev
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                               "(it comes with pip install -e '.[test]')")
+sync_api = require_browser()
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts" / "ui"
-CHROMIUM = Path(os.environ.get("PLANT_PIPELINE_CHROMIUM", "/usr/bin/chromium"))
-if not CHROMIUM.is_file():
-    pytest.skip(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install chromium; .ci/run does) "
-                "or point PLANT_PIPELINE_CHROMIUM at one", allow_module_level=True)
-
-# Playwright adds --headless itself. No download of a browser of its own: Debian's is used.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync",
-                  # Even a request the page guard missed cannot resolve a host other than 127.0.0.1.
-                  "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"]
 # The quickest whole-graph run that still scores every class: two training steps, no base-model comparison.
 TRAIN = {"max_steps": 2, "save_steps": 2, "eval_steps": 2, "logging_steps": 1, "max_eval_samples": 8}
 EVALUATION = {"compare_with_base": False, "batch_size": 64}
@@ -67,11 +56,6 @@ class UI:
 class Browser:
     context: object
     outside_requests: list[str] = field(default_factory=list)
-
-
-def _is_local(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in ("data", "blob", "about") or parts.hostname == "127.0.0.1"
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +97,14 @@ def browser(ui):
             session = Browser(context)
 
             def guard(route):
-                if _is_local(route.request.url):
+                if is_local(route.request.url):
                     route.continue_()
                 else:
                     session.outside_requests.append(route.request.url)
                     route.abort("blockedbyclient")
 
             def watch_websockets(page):
-                page.on("websocket", lambda ws: None if _is_local(ws.url) else session.outside_requests.append(ws.url))
+                page.on("websocket", lambda ws: None if is_local(ws.url) else session.outside_requests.append(ws.url))
 
             context.route("**/*", guard)
             context.on("page", watch_websockets)

@@ -4,7 +4,6 @@ and on real photos exactly the pixels the shards store."""
 from __future__ import annotations
 
 import json
-import tarfile
 
 import numpy as np
 import pandas as pd
@@ -17,6 +16,7 @@ from plant_pipeline.ml.serving.identifier import Identifier
 from plant_pipeline.ml.serving.photos import PhotoError
 from plant_pipeline.ml.serving.registry import MODEL_INFO_FILE, ModelInfo, write_pointer
 from plant_pipeline.ml.testing import make_model_folder
+from plant_pipeline_tests.mini_release import extract_photos
 
 CATEGORIES = CategoryMap(("rose", "common daisy", "tulip", "sunflower", "giant white arum lily"),
                          question=OXFORD_QUESTION, source="test", display_names={"rose": "Rose (Rosa)"})
@@ -165,16 +165,7 @@ def test_many_names_are_pruned_as_evaluation_prunes(model_folder, monkeypatch, p
 def real_photos(shared_datasets, tmp_path_factory):
     """Six photos of the mini release, extracted from its tgz."""
     root = tmp_path_factory.mktemp("real")
-    wanted = {f"jpg/image_{i:05d}.jpg" for i in range(1, 7)}
-    with tarfile.open(shared_datasets / "oxford-flowers-102-mini" / "102flowers.tgz", "r:gz") as archive:
-        for member in archive:
-            if member.name in wanted:
-                (root / member.name).parent.mkdir(parents=True, exist_ok=True)
-                (root / member.name).write_bytes(archive.extractfile(member).read())
-                wanted.discard(member.name)
-                if not wanted:
-                    break
-    return root, sorted((root / "jpg").iterdir())
+    return root, extract_photos(shared_datasets, root, range(1, 7))
 
 
 def test_real_photos_give_the_shards_pixels_bit_for_bit(real_photos, identifier, model_folder, tmp_path):

@@ -9,7 +9,6 @@ but 127.0.0.1 are blocked and fail the test.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,23 +17,15 @@ from pathlib import Path
 
 import pytest
 
-# The launch settings, the skips (no playwright, no Chromium) and the guard's test of an address are the Dagster
-# UI test's own: one browser setup for the suite.
-from plant_pipeline_tests.defs.test_browser_ui import CHROMIUM, CHROMIUM_FLAGS, _is_local
+from plant_pipeline_tests.browser import CHROMIUM, CHROMIUM_FLAGS, is_local, require_browser
+from plant_pipeline_tests.http_server import free_port
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                               "(it comes with pip install -e '.[test]')")
+sync_api = require_browser()
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "artifacts" / "serving"
 STARTUP_TIMEOUT_S = 120
 ANSWER_TIMEOUT_MS = 60_000
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _serve_command() -> list[str]:
@@ -47,7 +38,7 @@ def _serve_command() -> list[str]:
 def service_url(demo_model):
     """``plant-pipeline serve --data-dir <the demo model's> --port <free>``, stopped at the end of the module."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("PLANT_PIPELINE_DATA_DIR", None)  # --data-dir alone says where the model is
@@ -84,7 +75,7 @@ def page(service_url):
     outside: list[str] = []
 
     def guard(route):
-        if _is_local(route.request.url):
+        if is_local(route.request.url):
             route.continue_()
         else:
             outside.append(route.request.url)

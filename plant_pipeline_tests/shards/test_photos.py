@@ -13,6 +13,7 @@ from PIL import Image
 
 from plant_pipeline.ml.shards.build import ShardConfig, build_shards
 from plant_pipeline.ml.shards.checks import check_exactness, check_integrity
+from plant_pipeline_tests.mini_release import extract_photos
 from plant_pipeline_tests.shards.flower_folder import CATEGORIES, png_bytes, read_all, tree_digest
 
 # --- 16-bit and turned photos ---------------------------------------------------------------------------
@@ -99,15 +100,7 @@ def real_photos(shared_datasets, tmp_path_factory):
 
     mini = shared_datasets / "oxford-flowers-102-mini"
     root = tmp_path_factory.mktemp("real")
-    wanted = {f"jpg/image_{i:05d}.jpg" for i in range(1, 19)}
-    with tarfile.open(mini / "102flowers.tgz", "r:gz") as archive:
-        for member in archive:
-            if member.name in wanted:
-                (root / member.name).parent.mkdir(parents=True, exist_ok=True)
-                (root / member.name).write_bytes(archive.extractfile(member).read())
-                wanted.discard(member.name)
-                if not wanted:
-                    break
+    extract_photos(shared_datasets, root, range(1, 19))
     labels = read_labels(mini / "imagelabels.mat")
     ids = range(1, 19)
     manifest = pd.DataFrame({"image_id": list(ids), "path": [f"jpg/image_{i:05d}.jpg" for i in ids],

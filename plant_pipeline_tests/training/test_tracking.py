@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,17 +29,12 @@ from plant_pipeline.ml.training.tracking import (
     run_url,
     tensorboard_callback,
 )
+from plant_pipeline_tests.http_server import free_port
 
 FAST = dict(per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
             lr_scheduler_type="constant", dataloader_num_workers=0, shuffle_buffer=16, max_eval_samples=8,
             logging_steps=1, save_steps=2, eval_steps=2)
 SERVER_START_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train(spec, shards, root: Path, max_steps: int, **kwargs):
@@ -75,7 +69,7 @@ def test_run_url_only_for_a_server():
 
 
 def test_a_closed_port_fails_the_check_quickly_naming_the_uri():
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(TrackingError, match=f"server {uri} does not answer"):
         check_tracking_store(uri, timeout=2)
@@ -93,7 +87,7 @@ def test_tensorboard_without_the_package_names_the_extra(monkeypatch, tmp_path):
 
 def test_only_rank_zero_tracks(monkeypatch, tmp_path):
     args = SimpleNamespace(output_dir=str(tmp_path), max_steps=4)
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", closed)
     assert make_tracking_callbacks(TrainConfig(report_to="none"), args) == []
     monkeypatch.setenv("RANK", "1")
@@ -181,7 +175,7 @@ def mlflow_server(tmp_path):
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     if not mlflow_cli.exists():
         pytest.skip(f"no mlflow command beside {sys.executable}")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen(
@@ -232,7 +226,7 @@ def test_a_tracking_server_receives_the_run(spec, toy_shards, tmp_path, monkeypa
 
 
 def test_a_server_that_is_down_fails_before_training(spec, toy_shards, tmp_path, monkeypatch):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     _use_store(monkeypatch, uri)
     with pytest.raises(TrackingError, match=f"server {uri} does not answer"):
         _train(spec, toy_shards, tmp_path, 2)
