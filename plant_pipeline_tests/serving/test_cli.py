@@ -84,3 +84,16 @@ def test_the_module_runs_as_a_command():
     done = subprocess.run([sys.executable, "-m", "plant_pipeline.cli", "identify", "--help"], capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 0 and "--top-k" in done.stdout and "--json" in done.stdout
+
+
+@pytest.mark.slow  # ~12 s: a fresh interpreter imports torch and transformers
+def test_a_reader_that_stops_early_gets_no_traceback(model_folder, photos):
+    # `plant-pipeline identify ... | head -1`: the reader is gone before the answers are written.
+    red, green, _ = photos
+    process = subprocess.Popen([sys.executable, "-m", "plant_pipeline.cli", "identify", red, green, "--json",
+                                "--model", str(model_folder), "--device", "cpu"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
